@@ -1,0 +1,23 @@
+"""Exceptions raised by tlc. Every one names what it refers to and why."""
+
+from __future__ import annotations
+
+
+class TLCError(Exception):
+    """Base class of every error tlc raises on purpose."""
+
+
+class TraceError(TLCError):
+    """The model cannot be traced or analysed (names the module and the reason)."""
+
+
+class MergeError(TLCError):
+    """A merge was refused because it could not be done exactly."""
+
+
+class VerificationError(MergeError):
+    """The deploy form does not compute the same function as the training form."""
+
+
+class SpecError(TLCError, ValueError):
+    """A model, data or option specification is malformed or points at nothing."""
