@@ -30,7 +30,7 @@ class Kind(enum.Enum):
     ATTR = "attr"  # a constant read from the module (get_attr)
     CONV = "conv"  # zero-padded convolution
     LINEAR = "linear"  # x @ W.T + b on the last dimension
-    BN = "bn"  # batch norm with running statistics (eval mode)
+    BN = "bn"  # per-channel affine map: batch norm with running statistics (eval mode)
     SCALE = "scale"  # per-channel multiplication by a constant (gates, layer scale)
     IDENTITY = "identity"  # eval-mode dropout, nn.Identity, contiguous, ...
     ADD = "add"  # sum of two tensors of the same shape
@@ -46,8 +46,9 @@ class OpInfo:
     """The classification of one graph node.
 
     ``params`` holds what the algebra needs: for CONV ``weight, bias, stride, padding, dilation, groups``
-    (padding as a tuple of ints); LINEAR ``weight, bias``; BN ``mean, var, weight, bias, eps``; SCALE
-    ``scale`` (1-D, one value per channel) and ``channel_dim``. ``owner`` names the module (or the
+    (padding as a tuple of ints); LINEAR ``weight, bias``; BN ``scale, shift, channel_dim`` (float64) and,
+    for real batch norms, ``mean, var, weight, bias, eps``; SCALE ``scale`` (1-D, one value per channel)
+    and ``channel_dim``. ``owner`` names the module (or the
     attribute) that holds the parameters, so shared weights can be detected.
     """
 
@@ -201,12 +202,14 @@ def _module_linear(node: fx.Node, m: nn.Module, gm: fx.GraphModule) -> OpInfo:
 def _module_bn(node: fx.Node, m: nn.Module, gm: fx.GraphModule) -> OpInfo:
     if m.running_mean is None or m.running_var is None:
         return _other(node, "batch norm without running statistics")
-    return OpInfo(
-        Kind.BN,
-        (node.args[0],),
-        dict(mean=m.running_mean, var=m.running_var, weight=m.weight, bias=m.bias, eps=m.eps),
-        owner=node.target,
-    )
+    return _bn_info((node.args[0],), dict(mean=m.running_mean, var=m.running_var, weight=m.weight, bias=m.bias,
+                                          eps=m.eps), node.target)
+
+
+def _bn_info(inputs: tuple[fx.Node, ...], params: dict[str, Any], owner: str | None) -> OpInfo:
+    """A batch norm in eval mode: the per-channel affine map ``scale * x + shift`` on dim 1."""
+    scale, shift = bn_scale_shift(params)
+    return OpInfo(Kind.BN, inputs, dict(params, scale=scale, shift=shift, channel_dim=1), owner=owner)
 
 
 def _module_identity(node: fx.Node, m: nn.Module, gm: fx.GraphModule) -> OpInfo:
@@ -296,8 +299,8 @@ def _bn_from(node: fx.Node, gm: fx.GraphModule, a: dict[str, Any]) -> OpInfo:
         return _other(node, "batch norm statistics are computed")
     if mean is None or var is None:
         return _other(node, "batch norm without running statistics")
-    return OpInfo(Kind.BN, (a["input"],), dict(mean=mean, var=var, weight=weight, bias=bias, eps=float(a["eps"])),
-                  owner=_owner_of_attr(a["weight"]) or _owner_of_attr(a["running_mean"]))
+    return _bn_info((a["input"],), dict(mean=mean, var=var, weight=weight, bias=bias, eps=float(a["eps"])),
+                    _owner_of_attr(a["weight"]) or _owner_of_attr(a["running_mean"]))
 
 
 def _function_batch_norm(node: fx.Node, gm: fx.GraphModule) -> OpInfo:

@@ -146,7 +146,7 @@ def compose_conv_weights(
     for tap in itertools.product(*(range(b) for b in k2)):
         start = [s1 * d2 * t // dd for s1, d2, t, dd in zip(stride1, dilation2, tap, dil)]
         region = tuple(slice(st, st + st1 * (a - 1) + 1, st1) for st, st1, a in zip(start, step1, k1))
-        contribution = torch.einsum("gom,gmc...->goc...", w2g[(..., *tap)], w1g)
+        contribution = torch.bmm(w2g[(..., *tap)], w1g.reshape(g, c1_g, -1)).reshape(g, c2 // g, c0_g, *k1)
         out[(slice(None), slice(None), slice(None), *region)] += contribution
     weight = out.reshape(c2, c0_g, *size)
     spatial = tuple(range(3, 3 + n))

@@ -1,0 +1,150 @@
+"""Linearize: the training form, where chosen activation sites become the identity or a channel gate.
+
+This is the only lossy step of tlc. With ``exact=True`` (the default) the padding of every segment
+that the merge will collapse is moved onto the segment's first convolution, so that the fine-tuned
+training form and the merged deploy form are the same function, borders included.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from tlc._inputs import ExampleInputs
+from tlc.errors import MergeError, TraceError
+from tlc.graph import Graph, Site, resolve_sites, trace
+from tlc.ops import Kind
+from tlc.surgery.modules import SiteGate
+from tlc.surgery.plan import POLICIES, Planner, conv_module_path
+
+Masks = Mapping[str, Any]
+
+
+def linearize(
+    model: nn.Module,
+    sites: Iterable[Site | str],
+    example_inputs: ExampleInputs,
+    masks: Masks | None = None,
+    *,
+    exact: bool = True,
+    policy: str = "macs",
+) -> nn.Module:
+    """A new module where each chosen site is the identity, or a 0/1 gate per channel when
+    ``masks[site_name]`` is given (0 = channel removed). ``model`` is not modified.
+
+    ``policy`` is the merge policy the padding moves are planned for (``merge`` uses it by default).
+    For models torch.fx traces, the result is an ``fx.GraphModule``; otherwise the model's own class
+    with the activation modules replaced.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    graph = trace(model, example_inputs)
+    chosen = resolve_sites(graph, sites)
+    checked = _check_masks(chosen, masks or {})
+    if graph.backend == "fx":
+        form: nn.Module = _gate_graph(graph, chosen, checked)
+    else:
+        form = _gate_modules(model, chosen, checked)
+    if exact and chosen:
+        _move_padding(form, example_inputs, {s.name for s in chosen}, policy)
+    record = dict(getattr(model, "_tlc_record", {}) or {})
+    record["sites"] = list(record.get("sites", [])) + [s.name for s in chosen]
+    record["masks"] = dict(record.get("masks", {}))
+    for s in chosen:
+        mask = checked.get(s.name)
+        record["masks"][s.name] = None if mask is None else [int(v) for v in mask.tolist()]
+    record["policy"] = policy
+    record["exact"] = bool(record.get("exact", True) and exact)
+    form._tlc_record = record
+    return form.train(model.training)
+
+
+def _check_masks(chosen: list[Site], masks: Masks) -> dict[str, torch.Tensor]:
+    names = {s.name for s in chosen}
+    unknown = [k for k in masks if k not in names]
+    if unknown:
+        raise ValueError(f"masks given for sites that are not linearized: {', '.join(unknown)}")
+    checked = {}
+    for s in chosen:
+        if s.name not in masks or masks[s.name] is None:
+            continue
+        mask = torch.as_tensor(masks[s.name]).detach().flatten()
+        if mask.numel() != s.channels:
+            raise ValueError(f"mask for site {s.name} has {mask.numel()} entries, the site has {s.channels} channels")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"mask for site {s.name} must hold only 0 and 1 (or booleans)")
+        checked[s.name] = mask.to(torch.float32)
+    return checked
+
+
+def _module_name(site: Site) -> str:
+    return "tlc_sites." + re.sub(r"[^0-9A-Za-z_]", "_", site.name)
+
+
+def _gate_graph(graph: Graph, chosen: list[Site], masks: dict[str, torch.Tensor]) -> fx.GraphModule:
+    gm = copy.deepcopy(graph.gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for site in chosen:
+        node = by_name[site.node]
+        x = by_name[graph.info[graph.site_node(site)].input.name]
+        gm.add_submodule(_module_name(site), SiteGate(site.name, masks.get(site.name), site.channel_dim,
+                                                      len(site.shape)))
+        with gm.graph.inserting_after(node):
+            gate = gm.graph.call_module(_module_name(site), (x,))
+        node.replace_all_uses_with(gate)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _gate_modules(model: nn.Module, chosen: list[Site], masks: dict[str, torch.Tensor]) -> nn.Module:
+    for site in chosen:
+        if site.module is None:
+            raise TraceError(
+                f"site {site.name} is a functional activation in a model torch.fx cannot trace; tlc can only "
+                "linearize activation modules there")
+        if "#" in site.name:
+            raise TraceError(
+                f"site {site.name}: module '{site.module}' is called several times in a model torch.fx cannot "
+                "trace; give each call its own activation module")
+    form = copy.deepcopy(model)
+    for site in chosen:
+        form.set_submodule(site.module, SiteGate(site.name, masks.get(site.name), site.channel_dim, len(site.shape)))
+    return form
+
+
+def _move_padding(form: nn.Module, example_inputs: ExampleInputs, site_names: set[str], policy: str) -> None:
+    graph = trace(form, example_inputs)
+    gates = {n for n in graph.nodes if n.op == "call_module" and isinstance(graph.gm.get_submodule(n.target), SiteGate)
+             and graph.gm.get_submodule(n.target).site in site_names}
+    planner = Planner(graph, policy, movable=gates)
+    _refuse_shared(graph, planner, gates)
+    plan = planner.plan()
+    for node, padding in plan.padding_moves.items():
+        path = conv_module_path(graph, node)
+        conv = form.get_submodule(path)
+        conv.padding = tuple(padding)
+        conv._reversed_padding_repeated_twice = [p for p in reversed(padding) for _ in range(2)]
+
+
+def _refuse_shared(graph: Graph, planner: Planner, gates: set[fx.Node]) -> None:
+    """Linearizing next to a layer whose weights are shared would force merging it twice: refuse."""
+    gate_names = {g.name for g in gates}
+    by_name = {n.name: n for n in graph.nodes}
+    for segment in graph.segments:
+        if not gate_names & set(segment.nodes):
+            continue
+        for name in segment.nodes:
+            info = graph.info[by_name[name]]
+            if info.kind in (Kind.CONV, Kind.LINEAR, Kind.BN) and info.owner in planner.shared:
+                raise MergeError(
+                    f"layer '{info.owner}' is shared (its weights are used at several places) and lies in the "
+                    "segment of a site being linearized; merging would have to un-share it. Give each use its "
+                    "own layer, or do not linearize the neighbouring sites")

@@ -1,0 +1,359 @@
+"""Merge: turn a (linearized) model into its deploy form, verified to compute the same function.
+
+Three layers, as in ``torch.nn.utils.fusion``: tensor algebra in :mod:`tlc.surgery.compose`, module
+functions here (:func:`fold_bn`, :func:`merge_convs`, :func:`merge_linears`, :func:`fold_residual`),
+and the graph pass :func:`merge`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import skip_init
+
+from tlc._inputs import ExampleInputs, as_call, max_relative_error
+from tlc.errors import MergeError, VerificationError
+from tlc.graph import Graph, trace
+from tlc.ops import Kind
+from tlc.surgery import compose
+from tlc.surgery.affine import Map
+from tlc.surgery.modules import ChannelAffine
+from tlc.surgery.plan import MergeGroup, Plan, Planner, exit_map
+
+DEFAULT_TOLERANCE = 1e-4
+_CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+# ============================================================================ module functions
+
+
+def _conv_of(layer: nn.Module) -> tuple[int, ...]:
+    if isinstance(layer, nn.Linear):
+        return ()
+    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if layer.padding_mode != "zeros":
+            raise MergeError(f"{type(layer).__name__} with padding_mode={layer.padding_mode!r} cannot be merged")
+        if isinstance(layer.padding, str):
+            raise MergeError(f"{type(layer).__name__} with padding={layer.padding!r}: use integer padding")
+        return tuple(layer.padding)
+    raise MergeError(f"expected nn.Linear or nn.ConvNd, got {type(layer).__name__}")
+
+
+def _new_layer(like: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, *, stride=None, padding=None,
+               dilation=None, groups: int = 1) -> nn.Module:
+    layer = make_layer(weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return layer.to(device=like.weight.device, dtype=like.weight.dtype)
+
+
+def make_layer(weight: torch.Tensor, bias: torch.Tensor | None, *, linear: bool | None = None, stride=None,
+               padding=None, dilation=None, groups: int = 1) -> nn.Module:
+    """An nn.Linear (2-D weight) or nn.ConvNd holding copies of ``weight`` and ``bias`` (no random init)."""
+    linear = weight.dim() == 2 if linear is None else linear
+    if linear:
+        layer = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    else:
+        n = weight.dim() - 2
+        layer = skip_init(_CONV_TYPES[n], weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                          stride=stride or 1, padding=padding or 0, dilation=dilation or 1, groups=groups,
+                          bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias.to(weight.dtype))
+    return layer.to(weight.device)
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().double()
+
+
+def fold_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """A new conv/linear computing ``bn(layer(x))`` with ``bn`` in eval mode (inputs are not modified)."""
+    _conv_of(layer)
+    if bn.running_mean is None or bn.running_var is None:
+        raise MergeError("cannot fold a batch norm without running statistics")
+    w, b = compose.fold_bn_weights(_f64(layer.weight), _f64(layer.bias), _f64(bn.running_mean), _f64(bn.running_var),
+                                   _f64(bn.weight), _f64(bn.bias), bn.eps)
+    if isinstance(layer, nn.Linear):
+        return _new_layer(layer, w, b)
+    return _new_layer(layer, w, b, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                      groups=layer.groups)
+
+
+def merge_linears(first: nn.Linear, second: nn.Linear) -> nn.Linear:
+    """One linear computing ``second(first(x))``."""
+    if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)):
+        raise MergeError("merge_linears expects two nn.Linear")
+    w, b = compose.compose_linear_weights(_f64(first.weight), _f64(first.bias), _f64(second.weight), _f64(second.bias))
+    return _new_layer(second, w, b)
+
+
+def merge_convs(first: nn.Module, second: nn.Module) -> nn.Module:
+    """One convolution computing ``second(first(x))`` exactly.
+
+    Exact only when ``second`` has no padding (move it onto ``first`` beforehand, as
+    ``linearize(exact=True)`` does), or ``first`` is pointwise without bias.
+    """
+    pad1, pad2 = _conv_of(first), _conv_of(second)
+    if isinstance(first, nn.Linear) or isinstance(second, nn.Linear) or type(first) is not type(second):
+        raise MergeError("merge_convs expects two convolutions of the same dimensionality")
+    pointwise = all(k == 1 for k in first.kernel_size) and all(s == 1 for s in first.stride) and not any(pad1)
+    if any(pad2) and not (pointwise and first.bias is None):
+        raise MergeError("the second convolution pads its input: the composition is not exact at the borders; "
+                         "move its padding onto the first convolution first")
+    w, b, dil, groups = compose.compose_conv_weights(
+        _f64(first.weight), _f64(first.bias), _f64(second.weight), _f64(second.bias), stride1=tuple(first.stride),
+        dilation1=tuple(first.dilation), groups1=first.groups, dilation2=tuple(second.dilation), groups2=second.groups)
+    stride = tuple(a * c for a, c in zip(first.stride, second.stride))
+    padding = tuple(p1 + s1 * p2 for p1, s1, p2 in zip(pad1, first.stride, pad2))
+    return _new_layer(second, w, b, stride=stride, padding=padding, dilation=dil, groups=groups)
+
+
+def fold_residual(layer: nn.Module) -> nn.Module:
+    """A new layer computing ``x + layer(x)`` (same channels in and out, same spatial size)."""
+    pad = _conv_of(layer)
+    w = _f64(layer.weight)
+    if isinstance(layer, nn.Linear):
+        if w.shape[0] != w.shape[1]:
+            raise MergeError("a residual needs as many outputs as inputs")
+        return _new_layer(layer, w + torch.eye(w.shape[0], dtype=w.dtype), _f64(layer.bias))
+    if layer.in_channels != layer.out_channels or any(s != 1 for s in layer.stride):
+        raise MergeError("a residual conv needs equal in/out channels and stride 1")
+    spans = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+    if any(s != 2 * p for s, p in zip(spans, pad)):
+        raise MergeError("a residual conv must keep the spatial size ('same' padding)")
+    ident = compose.identity_conv_weight(layer.in_channels, w.dim() - 2)
+    weight, padding, dilation, groups = compose.add_conv_kernels(
+        w, pad, tuple(layer.dilation), layer.groups, ident, (0,) * len(pad), (1,) * len(pad), layer.in_channels)
+    return _new_layer(layer, weight, _f64(layer.bias), stride=layer.stride, padding=padding, dilation=dilation,
+                      groups=groups)
+
+
+# ============================================================================ graph pass
+
+
+@dataclass
+class MergeRecord:
+    """One layer of the deploy form that replaced several operations."""
+
+    name: str
+    replaces: list[str]
+    layer: str
+    weight_ops: int
+    removed_channels: int = 0
+
+
+@dataclass
+class MergeReport:
+    policy: str
+    records: list[MergeRecord] = field(default_factory=list)
+    max_relative_error: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"merge (policy={self.policy}): {len(self.records)} layers built, "
+                 f"max relative error {self.max_relative_error:.2e}"]
+        for r in self.records:
+            removed = f", {r.removed_channels} channels removed" if r.removed_channels else ""
+            lines.append(f"  {r.name}: {r.layer} <- {' + '.join(r.replaces)}{removed}")
+        return "\n".join(lines)
+
+
+def merge(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    policy: str | None = None,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> fx.GraphModule:
+    """The deploy form of ``model``: batch norms folded, linear chains merged where the policy says it
+    pays, gated channels removed, verified to match ``model`` within ``tolerance`` (relative, fp32).
+
+    ``policy`` is ``"macs"`` (default: merge only when it does not add MACs), ``"always"`` (fewest
+    layers) or ``"never"`` (fold batch norms and gates only); by default the policy recorded by
+    ``linearize`` is used. ``model`` is not modified; the result is in eval mode.
+    """
+    record = dict(getattr(model, "_tlc_record", {}) or {})
+    policy = policy or record.get("policy") or "macs"
+    graph = trace(model, example_inputs)
+    plan = Planner(graph, policy).plan()
+    deployed, report = realize(graph, plan, policy)
+    if verify:
+        args, kwargs = as_call(example_inputs)
+        with torch.no_grad():
+            reference = graph.source(*args, **kwargs)
+            candidate = deployed(*args, **kwargs)
+        err = max_relative_error(reference, candidate)
+        report.max_relative_error = err
+        if not err <= tolerance:
+            raise VerificationError(
+                f"the merged model differs from the input model: relative error {err:.3e} > {tolerance:.0e}; "
+                "this is a bug in tlc's merge, please report it with the model")
+    record["policy"] = policy
+    deployed._tlc_record = record
+    deployed.tlc_report = report
+    return deployed.eval()
+
+
+def realize(graph: Graph, plan: Plan, policy: str) -> tuple[fx.GraphModule, MergeReport]:
+    """Build the deploy GraphModule described by ``plan``."""
+    gm = graph.gm
+    maps = {exit_: exit_map(graph, g.entry, g.members) for exit_, g in plan.merged.items()}
+    keep = _prunable_channels(graph, plan, maps)
+    new_graph = fx.Graph()
+    new_graph._codegen = copy.deepcopy(gm.graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    report = MergeReport(policy)
+    used_names: set[str] = set()
+
+    def add_module(base: str, module: nn.Module) -> str:
+        name = f"tlc_merged.{base}"
+        k = 1
+        while name in used_names:
+            k += 1
+            name = f"tlc_merged.{base}_{k}"
+        used_names.add(name)
+        gm.add_submodule(name, module)
+        return name
+
+    for n in gm.graph.nodes:
+        info = graph.info[n]
+        if n in plan.merged:
+            group = plan.merged[n]
+            module = _build(graph, group, maps[n], keep.get(group.entry), keep.get(n))
+            if module is None:
+                env[n] = env[group.entry]
+                continue
+            name = add_module(n.name, module)
+            env[n] = new_graph.call_module(name, (env[group.entry],))
+            removed = maps[n].out_channels - len(keep[n]) if n in keep else 0
+            report.records.append(MergeRecord(name, [_describe(graph, m) for m in group.members],
+                                              _layer_text(module), maps[n].weight_ops, removed))
+        elif n in plan.kept:
+            if info.kind is Kind.IDENTITY:
+                env[n] = env[info.input]
+            elif info.kind in (Kind.CONV, Kind.LINEAR) and info.input in keep:
+                module = _pruned_layer(info, keep[info.input])
+                name = add_module(n.name, module)
+                env[n] = new_graph.call_module(name, (env[info.input],))
+                report.records.append(MergeRecord(name, [_describe(graph, n)], _layer_text(module), 1))
+            else:
+                env[n] = new_graph.node_copy(n, lambda a: env[a])
+        elif n in _planned_linear(graph, plan):
+            continue  # folded into a merged layer
+        else:
+            env[n] = new_graph.node_copy(n, lambda a: env[a])
+    deployed = fx.GraphModule(gm, new_graph, class_name=f"Deployed{type(graph.source).__name__}")
+    deployed.graph.eliminate_dead_code()
+    deployed.delete_all_unused_submodules()
+    deployed.recompile()
+    return deployed, report
+
+
+def _planned_linear(graph: Graph, plan: Plan) -> set[fx.Node]:
+    cached = getattr(plan, "_members", None)
+    if cached is None:
+        cached = {m for g in plan.merged.values() for m in g.members}
+        plan._members = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _describe(graph: Graph, node: fx.Node) -> str:
+    info = graph.info[node]
+    return f"{info.kind.value}({info.owner or node.name})"
+
+
+def _layer_text(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return f"Linear({module.in_features}->{module.out_features})"
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        k = "x".join(str(s) for s in module.kernel_size)
+        g = f", groups={module.groups}" if module.groups > 1 else ""
+        s = f", stride={module.stride[0]}" if any(x != 1 for x in module.stride) else ""
+        return f"{type(module).__name__}({module.in_channels}->{module.out_channels}, {k}{s}{g})"
+    return type(module).__name__
+
+
+def _param_like(graph: Graph, group: MergeGroup) -> torch.Tensor | None:
+    for n in group.members:
+        info = graph.info[n]
+        if info.kind in (Kind.CONV, Kind.LINEAR):
+            return info.params["weight"]
+    for n in group.members:
+        t = graph.info[n].params.get("scale")
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+def _build(graph: Graph, group: MergeGroup, m: Map, keep_in: torch.Tensor | None,
+           keep_out: torch.Tensor | None) -> nn.Module | None:
+    """The module realizing map ``m`` (None for the identity), with pruned input/output channels."""
+    if m.identity:
+        return None
+    like = _param_like(graph, group)
+    dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
+    device = like.device if like is not None else torch.device("cpu")
+    ndim = len(graph.shape(group.exit))
+    channel_dim = 1 if m.kind == "conv" else -1
+    weight, bias = m.weight, m.bias
+    if m.weight_ops == 0 and m.diagonal:
+        return ChannelAffine(weight.reshape(-1).to(dtype), bias.to(dtype), channel_dim, ndim).to(device)
+    groups = m.groups
+    if m.kind == "dense" and groups != 1:
+        weight, groups = compose.regroup_conv_weight(weight, groups, 1), 1
+    if keep_out is not None:
+        weight, bias = weight[keep_out], bias[keep_out]
+    if keep_in is not None and groups == 1:
+        weight = weight[:, keep_in]
+    bias = None if m.bias_zero else bias
+    layer = make_layer(weight, bias, linear=m.kind == "dense", stride=m.stride, padding=m.padding,
+                       dilation=m.dilation, groups=groups)
+    return layer.to(device=device, dtype=dtype)
+
+
+def _pruned_layer(info: Any, keep_in: torch.Tensor) -> nn.Module:
+    """A kept conv/linear rebuilt without the input channels that are always zero."""
+    p = info.params
+    weight = p["weight"].detach()[:, keep_in]
+    bias = p["bias"].detach() if p["bias"] is not None else None
+    if info.kind is Kind.LINEAR:
+        return make_layer(weight, bias, linear=True)
+    return make_layer(weight, bias, stride=p["stride"], padding=p["padding"], dilation=p["dilation"])
+
+
+def _prunable_channels(graph: Graph, plan: Plan, maps: dict[fx.Node, Map]) -> dict[fx.Node, torch.Tensor]:
+    """Channels to keep for merged outputs whose always-zero channels every consumer can drop."""
+    consumers_of: dict[fx.Node, list[MergeGroup]] = {}
+    for g in plan.merged.values():
+        consumers_of.setdefault(g.entry, []).append(g)
+    keep: dict[fx.Node, torch.Tensor] = {}
+    for exit_, m in maps.items():
+        if not m.zero_out or m.weight_ops == 0:
+            continue
+        groups_here = {id(g): g for g in consumers_of.get(exit_, [])}
+        ok = True
+        for user in exit_.users:
+            info = graph.info.get(user)
+            owner_group = next((g for g in groups_here.values() if user in g.members), None)
+            if owner_group is not None:
+                consumer_map = maps.get(owner_group.exit)
+                if consumer_map is None or consumer_map.groups != 1 or consumer_map.identity or \
+                        consumer_map.weight_ops == 0:
+                    ok = False
+            elif user in plan.kept and info is not None and info.kind in (Kind.CONV, Kind.LINEAR) \
+                    and info.params.get("groups", 1) == 1 and info.input is exit_:
+                continue
+            else:
+                ok = False
+            if not ok:
+                break
+        if ok and exit_.users:
+            kept = [c for c in range(m.out_channels) if c not in m.zero_out]
+            if kept:
+                keep[exit_] = torch.tensor(kept, dtype=torch.long)
+    return keep

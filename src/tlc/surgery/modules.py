@@ -1,0 +1,76 @@
+"""Modules that tlc inserts into models, registered with the op registry as leaves."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from tlc.ops import Kind, OpInfo, register_module
+
+
+def _broadcast_shape(channels: int, channel_dim: int, ndim: int) -> tuple[int, ...]:
+    if channel_dim == -1 or channel_dim == ndim - 1:
+        return (channels,)
+    return (channels,) + (1,) * (ndim - channel_dim - 1)
+
+
+class SiteGate(nn.Module):
+    """A linearized activation site: the identity, or a per-channel 0/1 gate (removed channels).
+
+    ``mask`` is None for a plain identity. Channels whose mask is 0 output exactly 0; the merge
+    removes them physically.
+    """
+
+    def __init__(self, site: str, mask: torch.Tensor | None = None, channel_dim: int = 1, ndim: int = 4):
+        super().__init__()
+        self.site = site
+        self.channel_dim = channel_dim
+        if mask is None:
+            self.mask = None
+        else:
+            mask = torch.as_tensor(mask).detach().to(torch.float32).reshape(-1)
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"the mask of site {site} must hold only 0 and 1")
+            self.register_buffer("mask", mask.reshape(_broadcast_shape(mask.numel(), channel_dim, ndim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return x
+        return x * self.mask.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        if self.mask is None:
+            return f"site={self.site!r}, identity"
+        kept = int(self.mask.sum().item())
+        return f"site={self.site!r}, kept={kept}/{self.mask.numel()}, channel_dim={self.channel_dim}"
+
+
+class ChannelAffine(nn.Module):
+    """y = scale * x + shift per channel: a batch norm folded to its eval-mode affine map."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int = 1, ndim: int = 4):
+        super().__init__()
+        self.channel_dim = channel_dim
+        shape = _broadcast_shape(scale.numel(), channel_dim, ndim)
+        self.register_buffer("scale", scale.detach().reshape(shape).clone())
+        self.register_buffer("shift", shift.detach().reshape(shape).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _gate_info(node: fx.Node, m: SiteGate, gm: fx.GraphModule) -> OpInfo:
+    if m.mask is None:
+        return OpInfo(Kind.IDENTITY, (node.args[0],), note=f"linearized site {m.site}")
+    return OpInfo(Kind.SCALE, (node.args[0],), dict(scale=m.mask.reshape(-1), channel_dim=m.channel_dim),
+                  owner=str(node.target), note=f"linearized site {m.site}")
+
+
+def _affine_info(node: fx.Node, m: ChannelAffine, gm: fx.GraphModule) -> OpInfo:
+    return OpInfo(Kind.BN, (node.args[0],),
+                  dict(scale=m.scale.reshape(-1), shift=m.shift.reshape(-1), channel_dim=m.channel_dim),
+                  owner=str(node.target))
+
+
+register_module(SiteGate, _gate_info)
+register_module(ChannelAffine, _affine_info)

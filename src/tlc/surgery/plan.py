@@ -1,0 +1,505 @@
+"""Decide which linear operations become one layer: the cost model and the merge plan.
+
+Linear operations (conv, linear, batch norm, gates, identities, residual adds) form regions between
+the non-linear ones. Inside a region, every tensor that must exist (it feeds a non-linear op, the
+output, or an op with several inputs from different regions) is produced from a *single entry*
+tensor. Between that entry and the tensor, the nodes every path goes through (the dominators) form a
+spine; a dynamic programme over the spine chooses where to cut, each piece between two cuts becoming
+one layer (merged) or staying as it is (residual blocks then recurse into their branches).
+
+Policies: ``"macs"`` (default) minimises multiply-accumulates, so a merge never adds MACs;
+``"always"`` minimises the number of layers (depth), subject to a size cap; ``"never"`` only folds
+batch norms and gates into their conv/linear and removes gated channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from torch import fx
+
+from tlc.graph import Graph
+from tlc.ops import LINEAR_KINDS, Kind
+from tlc.surgery import affine
+from tlc.surgery.affine import Infeasible, Map
+
+POLICIES = ("macs", "always", "never")
+MAX_MERGED_WEIGHT_NUMEL = 1 << 25
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int = 0
+    weight_ops: int = 0
+    elementwise: int = 0
+    changes: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.macs + other.macs, self.weight_ops + other.weight_ops,
+                    self.elementwise + other.elementwise, self.changes + other.changes)
+
+    def key(self, policy: str) -> tuple[int, ...]:
+        if policy == "always":
+            return (self.weight_ops, self.macs, self.elementwise, self.changes)
+        return (self.macs, self.weight_ops, self.elementwise, self.changes)
+
+
+@dataclass(frozen=True)
+class MergeGroup:
+    """Operations ``members`` (topological order, ending at ``exit``) computed from ``entry`` as one op."""
+
+    entry: fx.Node
+    exit: fx.Node
+    members: tuple[fx.Node, ...]
+
+
+@dataclass
+class Plan:
+    """How each needed tensor of the linear regions is produced in the deploy form."""
+
+    merged: dict[fx.Node, MergeGroup] = field(default_factory=dict)  # exit node -> group
+    kept: set[fx.Node] = field(default_factory=set)  # linear ops kept as they are
+    padding_moves: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)  # conv node -> new padding
+
+    def is_realized(self, node: fx.Node) -> bool:
+        return node in self.merged or node in self.kept
+
+
+@dataclass
+class _Solution:
+    cost: Cost
+    steps: list[tuple]
+
+
+class Planner:
+    """Builds a :class:`Plan` for a traced graph.
+
+    ``movable`` lists nodes (linearized-site gates) whose segments may have their padding moved:
+    groups containing one are planned as if the padding were on their first conv, and the moves are
+    reported in ``Plan.padding_moves`` (used by ``linearize``). Everything else must be exact as is.
+    """
+
+    def __init__(self, graph: Graph, policy: str = "macs", *, movable: set[fx.Node] | None = None,
+                 max_weight_numel: int = MAX_MERGED_WEIGHT_NUMEL):
+        if policy not in POLICIES:
+            raise ValueError(f"merge policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        self.graph = graph
+        self.policy = policy
+        self.movable = movable or set()
+        self.max_weight_numel = max_weight_numel
+        self.nodes = list(graph.gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.info = graph.info
+        self.linear = {n for n in self.nodes if self.info[n].kind in LINEAR_KINDS and self._analysable(n)}
+        self.zeros = self._structural_zeros()
+        self.entries = self._entries()
+        self.shared = self._shared_owners()
+        self._solutions: dict[tuple[fx.Node, fx.Node], _Solution | None] = {}
+        self._groups: dict[tuple[fx.Node, fx.Node], tuple[Cost, tuple[fx.Node, ...], dict] | None] = {}
+
+    # ------------------------------------------------------------------ graph facts
+    def _analysable(self, node: fx.Node) -> bool:
+        shape = self.graph.shape(node)
+        return shape is not None and all(self.graph.shape(i) is not None for i in self.info[node].inputs)
+
+    def _structural_zeros(self) -> dict[fx.Node, frozenset[int]]:
+        zeros: dict[fx.Node, frozenset[int]] = {}
+        for n in self.nodes:
+            info = self.info[n]
+            z: frozenset[int] = frozenset()
+            if n in self.linear:
+                inputs = [zeros.get(i, frozenset()) for i in info.inputs]
+                if info.kind is Kind.IDENTITY:
+                    z = inputs[0]
+                elif info.kind is Kind.SCALE:
+                    scale = info.params["scale"]
+                    z = inputs[0] | frozenset(int(i) for i in (scale == 0).nonzero().flatten().tolist())
+                elif info.kind is Kind.ADD:
+                    z = inputs[0] & inputs[1]
+                elif info.kind is Kind.CONV:
+                    p = info.params
+                    if p["groups"] == p["weight"].shape[0] == self._channels(info.input) and p["bias"] is None:
+                        z = inputs[0]
+            zeros[n] = z
+        return zeros
+
+    def _entries(self) -> dict[fx.Node, frozenset[fx.Node]]:
+        entries: dict[fx.Node, frozenset[fx.Node]] = {}
+        for n in self.nodes:
+            if n in self.linear:
+                acc: frozenset[fx.Node] = frozenset()
+                for i in self.info[n].inputs:
+                    acc |= entries[i] if i in self.linear else frozenset({i})
+                entries[n] = acc
+        return entries
+
+    def _shared_owners(self) -> set[str]:
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            info = self.info[n]
+            if info.owner and info.kind in (Kind.CONV, Kind.LINEAR, Kind.BN):
+                counts[info.owner] = counts.get(info.owner, 0) + 1
+            elif info.kind is Kind.OTHER and n.op == "call_module":
+                counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+        return {owner for owner, c in counts.items() if c > 1}
+
+    def _channels(self, node: fx.Node, dim: int | None = None) -> int:
+        shape = self.graph.shape(node)
+        if dim is None:
+            dim = 1
+        return int(shape[dim]) if shape else 0
+
+    def _positions(self, node: fx.Node, channels: int) -> int:
+        shape = self.graph.shape(node)
+        return math.prod(shape) // max(channels, 1)
+
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> Plan:
+        plan = Plan()
+        required = [n for n in self.nodes if n in self.linear and any(u not in self.linear for u in n.users)]
+        work: list[tuple[fx.Node, fx.Node | None]] = [(n, None) for n in required]
+        while work:
+            node, entry = work.pop(0)
+            if plan.is_realized(node):
+                continue
+            if entry is None:
+                ent = self.entries[node]
+                entry = next(iter(ent)) if len(ent) == 1 else None
+            solution = self.solve(entry, node) if entry is not None else None
+            if solution is None:
+                plan.kept.add(node)
+                work.extend((i, None) for i in self.info[node].inputs if i in self.linear)
+                continue
+            self._commit(solution, plan, work)
+        return plan
+
+    def _commit(self, solution: _Solution, plan: Plan, work: list) -> None:
+        for step in solution.steps:
+            tag = step[0]
+            if tag == "merged":
+                _, start, end = step
+                if plan.is_realized(end):
+                    continue
+                _, members, moves = self._groups[(start, end)]
+                plan.merged[end] = MergeGroup(start, end, members)
+                plan.padding_moves.update(moves)
+            elif tag == "single":
+                if not plan.is_realized(step[1]):
+                    plan.kept.add(step[1])
+            elif tag == "parallel":
+                _, start, end, branches = step
+                if plan.is_realized(end):
+                    continue
+                plan.kept.add(end)
+                for branch in branches:
+                    self._commit(branch, plan, work)
+            elif tag == "keepall":
+                for n in step[1]:
+                    if not plan.is_realized(n):
+                        plan.kept.add(n)
+
+    # ------------------------------------------------------------------ dynamic programme
+    def between(self, start: fx.Node, end: fx.Node) -> tuple[fx.Node, ...] | None:
+        """Linear nodes on the paths from ``start`` to ``end`` (``end`` included), if ``start`` feeds them all."""
+        members: set[fx.Node] = set()
+        stack = [end]
+        while stack:
+            n = stack.pop()
+            if n is start or n in members:
+                continue
+            if n not in self.linear:
+                return None
+            members.add(n)
+            stack.extend(self.info[n].inputs)
+        return tuple(sorted(members, key=self.order.__getitem__))
+
+    def _spine(self, start: fx.Node, members: tuple[fx.Node, ...]) -> list[fx.Node]:
+        dom: dict[fx.Node, frozenset[fx.Node]] = {start: frozenset({start})}
+        for n in members:
+            inputs = self.info[n].inputs
+            common = dom[inputs[0]]
+            for i in inputs[1:]:
+                common = common & dom[i]
+            dom[n] = common | {n}
+        return sorted(dom[members[-1]], key=self.order.__getitem__)
+
+    def solve(self, start: fx.Node, end: fx.Node) -> _Solution | None:
+        key = (start, end)
+        if key not in self._solutions:
+            self._solutions[key] = None  # guards against cycles in malformed graphs
+            self._solutions[key] = self._solve(start, end)
+        return self._solutions[key]
+
+    def _solve(self, start: fx.Node, end: fx.Node) -> _Solution | None:
+        members = self.between(start, end)
+        if members is None:
+            return None
+        spine = self._spine(start, members)
+        best: list[_Solution | None] = [_Solution(Cost(), [])] + [None] * (len(spine) - 1)
+        for j in range(1, len(spine)):
+            options: list[_Solution] = []
+            previous = best[j - 1]
+            if previous is not None:
+                piece = self._unmerged_piece(spine[j - 1], spine[j])
+                options.append(_Solution(previous.cost + piece.cost, previous.steps + piece.steps))
+            for i in range(j):
+                if best[i] is None:
+                    continue
+                group = self.group(spine[i], spine[j])
+                if group is not None:
+                    options.append(_Solution(best[i].cost + group[0], best[i].steps + [("merged", spine[i], spine[j])]))
+            if options:
+                best[j] = min(options, key=lambda s: s.cost.key(self.policy))
+        return best[-1]
+
+    def _unmerged_piece(self, start: fx.Node, end: fx.Node) -> _Solution:
+        inputs = self.info[end].inputs
+        if tuple(inputs) == (start,):
+            return _Solution(self._op_cost(end), [("single", end)])
+        if self.info[end].kind is Kind.ADD:
+            branches = []
+            for i in inputs:
+                if i is start:
+                    continue
+                branch = self.solve(start, i)
+                if branch is None:
+                    break
+                branches.append(branch)
+            else:
+                total = self._op_cost(end)
+                for b in branches:
+                    total = total + b.cost
+                return _Solution(total, [("parallel", start, end, branches)])
+        members = self.between(start, end) or (end,)
+        total = Cost()
+        for n in members:
+            total = total + self._op_cost(n)
+        return _Solution(total, [("keepall", members)])
+
+    def _op_cost(self, node: fx.Node) -> Cost:
+        info = self.info[node]
+        if info.kind in (Kind.CONV, Kind.LINEAR):
+            w = info.params["weight"]
+            groups = info.params.get("groups", 1)
+            c_out = w.shape[0]
+            c_in = w.shape[1] * groups - len(self.zeros.get(info.input, frozenset()))
+            macs = c_out * (c_in // groups if groups > 1 else c_in) * math.prod(w.shape[2:]) * \
+                self._positions(node, c_out)
+            return Cost(macs=macs, weight_ops=1)
+        if info.kind is Kind.IDENTITY:
+            return Cost()
+        return Cost(elementwise=1)
+
+    # ------------------------------------------------------------------ one merged group
+    def group(self, start: fx.Node, end: fx.Node) -> tuple[Cost, tuple[fx.Node, ...], dict] | None:
+        """Cost, members and padding moves of computing ``end`` from ``start`` as one op (None if impossible)."""
+        key = (start, end)
+        if key not in self._groups:
+            self._groups[key] = self._group(start, end)
+        return self._groups[key]
+
+    def _group(self, start: fx.Node, end: fx.Node) -> tuple[Cost, tuple[fx.Node, ...], dict] | None:
+        members = self.between(start, end)
+        if members is None:
+            return None
+        member_set = set(members)
+        for n in members:
+            if n is not end and any(u not in member_set for u in n.users):
+                return None
+            if self.info[n].owner in self.shared:
+                return None
+        weight_ops = sum(1 for n in members if self.info[n].kind in (Kind.CONV, Kind.LINEAR))
+        if self.policy == "never" and (weight_ops > 1 or any(self.info[n].kind is Kind.ADD for n in members)):
+            return None
+        relaxed = bool(member_set & self.movable)
+        try:
+            maps = evaluate(self.graph, start, members, numeric=False, strict=not relaxed)
+            moves = padding_moves(self.graph, start, members, maps) if relaxed else {}
+        except Infeasible:
+            return None
+        final = maps[end]
+        if final.weight_ops > 1 and final.weight_numel > self.max_weight_numel:
+            return None
+        if final.identity:
+            cost = Cost(changes=1)
+        elif final.weight_ops == 0:
+            cost = Cost(elementwise=1, changes=1)
+        else:
+            zero_in = len(self.zeros.get(start, frozenset()))
+            cost = Cost(macs=affine.macs(final, self._positions(end, final.out_channels), zero_in), weight_ops=1,
+                        changes=1)
+        return cost, members, moves
+
+
+# ============================================================================ evaluation
+
+
+def region_layout(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...]) -> tuple[str, int]:
+    """("conv", spatial dims) or ("dense", 0) for a group, or Infeasible when it mixes layouts."""
+    shape = graph.shape(start)
+    if shape is None:
+        raise Infeasible("unknown shape")
+    ndim = len(shape)
+    kinds = {graph.info[n].kind for n in members}
+    if ndim <= 2:
+        if Kind.CONV in kinds:
+            raise Infeasible("convolution on a 2-D tensor")
+        return "dense", 0
+    if Kind.CONV in kinds and Kind.LINEAR in kinds:
+        raise Infeasible("convolution and linear layer act on different dimensions")
+    if Kind.CONV in kinds:
+        layout = ("conv", ndim - 2)
+    elif Kind.LINEAR in kinds:
+        layout = ("dense", 0)
+    else:
+        dims = {graph.info[n].params["channel_dim"] for n in members if graph.info[n].kind in (Kind.BN, Kind.SCALE)}
+        if len(dims) > 1:
+            raise Infeasible("per-channel ops on different dimensions")
+        layout = ("conv", ndim - 2) if dims == {1} else ("dense", 0)
+    want = 1 if layout[0] == "conv" else -1
+    for n in members:
+        info = graph.info[n]
+        if info.kind in (Kind.BN, Kind.SCALE):
+            dim = info.params["channel_dim"]
+            if dim != want and not (want == -1 and dim == ndim - 1):
+                raise Infeasible("per-channel op on another dimension than the layers")
+    return layout
+
+
+def evaluate(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...], *, numeric: bool,
+             strict: bool = True) -> dict[fx.Node, Map]:
+    """Maps of ``start`` and every member relative to ``start`` (members in topological order)."""
+    kind, spatial = region_layout(graph, start, members)
+    shape = graph.shape(start)
+    channel_axis = 1 if kind == "conv" else -1
+    maps: dict[fx.Node, Map] = {start: affine.identity_map(kind, int(shape[channel_axis]), spatial, numeric)}
+    entry_size = tuple(shape[2:]) if kind == "conv" else ()
+    for n in members:
+        info = graph.info[n]
+        p = info.params
+        if info.kind is Kind.CONV:
+            m = affine.apply_conv(maps[info.input], p["weight"], p["bias"], p["stride"], p["padding"], p["dilation"],
+                                  p["groups"], numeric=numeric, strict=strict)
+        elif info.kind is Kind.LINEAR:
+            m = affine.apply_conv(maps[info.input], p["weight"], p["bias"], (), (), (), 1, numeric=numeric,
+                                  strict=strict)
+        elif info.kind is Kind.BN:
+            m = affine.apply_affine(maps[info.input], p["scale"], p["shift"], numeric=numeric)
+        elif info.kind is Kind.SCALE:
+            m = affine.apply_affine(maps[info.input], p["scale"], None, numeric=numeric)
+        elif info.kind is Kind.IDENTITY:
+            m = maps[info.input]
+        elif info.kind is Kind.ADD:
+            m = affine.add(maps[info.inputs[0]], maps[info.inputs[1]], numeric=numeric)
+        else:
+            raise Infeasible(f"{n.name} is not linear")
+        out_shape = graph.shape(n)
+        if kind == "conv" and tuple(out_shape[2:]) != m.output_size(entry_size):
+            raise Infeasible(f"{n.name}: merged geometry does not give the traced output size")
+        if out_shape[channel_axis] != m.out_channels:
+            raise Infeasible(f"{n.name}: channel count mismatch")
+        maps[n] = m
+    return maps
+
+
+def exit_map(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...]) -> Map:
+    """Numeric map of a group's exit. Dense groups that narrow are composed from the exit backwards,
+    which costs (exit width) x (layer sizes) instead of (entry width) x (layer sizes)."""
+    shape_maps = evaluate(graph, start, members, numeric=False)
+    final = shape_maps[members[-1]]
+    if final.kind != "dense" or final.weight_ops == 0 or final.out_channels >= final.in_channels:
+        return evaluate(graph, start, members, numeric=True)[members[-1]]
+    weight, bias = _reverse_dense(graph, start, members, final.out_channels)
+    if final.groups != 1:
+        raise Infeasible("grouped dense map")
+    return replace(final, weight=weight, bias=bias)
+
+
+def _reverse_dense(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...],
+                   out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a dense group by reverse accumulation of d(exit)/d(tensor)."""
+    sens: dict[fx.Node, torch.Tensor] = {members[-1]: torch.eye(out_features, dtype=torch.float64)}
+    bias = torch.zeros(out_features, dtype=torch.float64)
+
+    def push(node: fx.Node, g: torch.Tensor) -> None:
+        sens[node] = sens[node] + g if node in sens else g
+
+    for n in reversed(members):
+        g = sens.pop(n, None)
+        if g is None:
+            continue
+        info = graph.info[n]
+        p = info.params
+        if info.kind is Kind.LINEAR:
+            if p["bias"] is not None:
+                bias += g @ p["bias"].detach().double()
+            push(info.input, g @ p["weight"].detach().double())
+        elif info.kind is Kind.BN:
+            bias += g @ p["shift"].double()
+            push(info.input, g * p["scale"].double())
+        elif info.kind is Kind.SCALE:
+            push(info.input, g * p["scale"].detach().double())
+        elif info.kind is Kind.IDENTITY:
+            push(info.input, g)
+        elif info.kind is Kind.ADD:
+            for i in info.inputs:
+                push(i, g)
+        else:
+            raise Infeasible(f"{n.name} is not linear")
+    return sens[start], bias
+
+
+def padding_moves(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...],
+                  maps: dict[fx.Node, Map]) -> dict[fx.Node, tuple[int, ...]]:
+    """New paddings that make a group exact: each conv's padding moves onto the first conv of its path.
+
+    Works backwards from the exit: a conv whose input is not zero-preserving asks its input for
+    ``padding + stride * extension`` extra border positions and pads nothing itself.
+    """
+    end = members[-1]
+    spatial = len(maps[end].kernel)
+    need: dict[fx.Node, tuple[int, ...]] = {end: (0,) * spatial}
+    moves: dict[fx.Node, tuple[int, ...]] = {}
+
+    def ask(node: fx.Node, extension: tuple[int, ...]) -> None:
+        if node is start:
+            if any(extension):
+                raise Infeasible("padding would have to move before the segment's entry")
+            return
+        if need.setdefault(node, extension) != extension:
+            raise Infeasible("branches of the segment need different padding")
+
+    for n in reversed(members):
+        info = graph.info[n]
+        extension = need.get(n)
+        if extension is None:
+            raise Infeasible(f"{n.name} does not lead to the segment's exit")
+        if info.kind is Kind.CONV:
+            if conv_module_path(graph, n) is None:
+                raise Infeasible(f"{n.name}: a functional convolution's padding cannot be moved")
+            pad, stride = info.params["padding"], info.params["stride"]
+            wanted = tuple(p + s * e for p, s, e in zip(pad, stride, extension))
+            if maps[info.input].zero_preserving:
+                new_pad, upstream = wanted, (0,) * spatial
+            else:
+                new_pad, upstream = (0,) * spatial, wanted
+            if new_pad != tuple(pad):
+                moves[n] = new_pad
+            ask(info.input, upstream)
+        else:
+            for i in info.inputs:
+                ask(i, extension)
+    return moves
+
+
+def conv_module_path(graph: Graph, node: fx.Node) -> str | None:
+    """Path of the nn.ConvNd module a conv node calls (None for a functional conv on other weights)."""
+    if node.op == "call_module":
+        return str(node.target)
+    owner = graph.info[node].owner or ""
+    if graph.backend == "export" and owner.endswith(".weight"):
+        return owner[: -len(".weight")]
+    return None
