@@ -32,7 +32,7 @@ class Kind(enum.Enum):
     LINEAR = "linear"  # x @ W.T + b on the last dimension
     BN = "bn"  # per-channel affine map: batch norm with running statistics (eval mode)
     SCALE = "scale"  # per-channel multiplication by a constant (gates, layer scale)
-    IDENTITY = "identity"  # eval-mode dropout, nn.Identity, contiguous, ...
+    IDENTITY = "identity"  # eval-mode dropout, nn.Identity (layout ops like contiguous() are OTHER)
     ADD = "add"  # sum of two tensors of the same shape
     SITE = "site"  # a non-linear activation that tlc may linearize
     OTHER = "other"  # anything else: kept as it is, ends a segment
@@ -382,11 +382,6 @@ def per_channel_dim(const_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> i
     return -1 if d == nd - 1 and nd != 2 else d
 
 
-def _identity_fn(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    return OpInfo(Kind.IDENTITY, (x,))
-
-
 def _dropout_fn(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
     a = _bind(node, ("input", "p", "training", "inplace"), dict(p=0.5, training=True, inplace=False))
     if a["training"] and a["p"]:
@@ -454,9 +449,6 @@ for _f in (operator.mul, operator.imul, torch.mul, _aten.mul.Tensor, _aten.mul_.
     register_function(_f, _mul)
 register_method("mul", _mul)
 register_method("mul_", _mul)
-for _f in (_aten.alias.default, _aten.clone.default, _aten.contiguous.default):
-    register_function(_f, _identity_fn)
-register_method("contiguous", _identity_fn)
 for _f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
     register_function(_f, _dropout_fn)
 register_function(_aten.dropout.default, _aten_dropout)

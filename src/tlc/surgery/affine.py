@@ -177,12 +177,13 @@ def add(a: Map, b: Map, *, numeric: bool) -> Map:
     )
 
 
-def macs(m: Map, out_positions: int, zero_in: int = 0) -> int:
-    """Multiply-accumulates of realizing ``m`` as one layer over ``out_positions`` output positions."""
+def macs(m: Map, out_positions: int, removed_in: int = 0, removed_out: int = 0) -> int:
+    """Multiply-accumulates of realizing ``m`` as one layer over ``out_positions`` output positions,
+    after ``removed_in`` input and ``removed_out`` output channels are removed."""
     if m.identity:
         return 0
     if m.diagonal and m.weight_ops == 0:
         return 0
-    eff_out = m.out_channels - len(m.zero_out)
-    eff_in = max(m.in_channels - zero_in, 0)
+    eff_out = m.out_channels - removed_out
+    eff_in = max(m.in_channels - removed_in, 0)
     return eff_out * (eff_in // m.groups if m.groups > 1 else eff_in) * math.prod(m.kernel) * out_positions

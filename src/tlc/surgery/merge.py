@@ -203,7 +203,8 @@ def realize(graph: Graph, plan: Plan, policy: str) -> tuple[fx.GraphModule, Merg
     """Build the deploy GraphModule described by ``plan``."""
     gm = graph.gm
     maps = {exit_: exit_map(graph, g.entry, g.members) for exit_, g in plan.merged.items()}
-    keep = _prunable_channels(graph, plan, maps)
+    keep = {n: torch.tensor([c for c in range(maps[n].out_channels) if c not in zeros], dtype=torch.long)
+            for n, zeros in plan.removed.items()}
     new_graph = fx.Graph()
     new_graph._codegen = copy.deepcopy(gm.graph._codegen)
     env: dict[fx.Node, fx.Node] = {}
@@ -324,36 +325,3 @@ def _pruned_layer(info: Any, keep_in: torch.Tensor) -> nn.Module:
     if info.kind is Kind.LINEAR:
         return make_layer(weight, bias, linear=True)
     return make_layer(weight, bias, stride=p["stride"], padding=p["padding"], dilation=p["dilation"])
-
-
-def _prunable_channels(graph: Graph, plan: Plan, maps: dict[fx.Node, Map]) -> dict[fx.Node, torch.Tensor]:
-    """Channels to keep for merged outputs whose always-zero channels every consumer can drop."""
-    consumers_of: dict[fx.Node, list[MergeGroup]] = {}
-    for g in plan.merged.values():
-        consumers_of.setdefault(g.entry, []).append(g)
-    keep: dict[fx.Node, torch.Tensor] = {}
-    for exit_, m in maps.items():
-        if not m.zero_out or m.weight_ops == 0:
-            continue
-        groups_here = {id(g): g for g in consumers_of.get(exit_, [])}
-        ok = True
-        for user in exit_.users:
-            info = graph.info.get(user)
-            owner_group = next((g for g in groups_here.values() if user in g.members), None)
-            if owner_group is not None:
-                consumer_map = maps.get(owner_group.exit)
-                if consumer_map is None or consumer_map.groups != 1 or consumer_map.identity or \
-                        consumer_map.weight_ops == 0:
-                    ok = False
-            elif user in plan.kept and info is not None and info.kind in (Kind.CONV, Kind.LINEAR) \
-                    and info.params.get("groups", 1) == 1 and info.input is exit_:
-                continue
-            else:
-                ok = False
-            if not ok:
-                break
-        if ok and exit_.users:
-            kept = [c for c in range(m.out_channels) if c not in m.zero_out]
-            if kept:
-                keep[exit_] = torch.tensor(kept, dtype=torch.long)
-    return keep

@@ -36,7 +36,7 @@ class SiteGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             return x
-        return x * self.mask.to(x.dtype)
+        return x * self.mask
 
     def extra_repr(self) -> str:
         if self.mask is None:

@@ -63,6 +63,7 @@ class Plan:
     merged: dict[fx.Node, MergeGroup] = field(default_factory=dict)  # exit node -> group
     kept: set[fx.Node] = field(default_factory=set)  # linear ops kept as they are
     padding_moves: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)  # conv node -> new padding
+    removed: dict[fx.Node, frozenset[int]] = field(default_factory=dict)  # merged exit -> channels dropped
 
     def is_realized(self, node: fx.Node) -> bool:
         return node in self.merged or node in self.kept
@@ -98,7 +99,7 @@ class Planner:
         self.entries = self._entries()
         self.shared = self._shared_owners()
         self._solutions: dict[tuple[fx.Node, fx.Node], _Solution | None] = {}
-        self._groups: dict[tuple[fx.Node, fx.Node], tuple[Cost, tuple[fx.Node, ...], dict] | None] = {}
+        self._groups: dict[tuple[fx.Node, fx.Node], tuple[Cost, tuple[fx.Node, ...], dict, Map] | None] = {}
 
     # ------------------------------------------------------------------ graph facts
     def _analysable(self, node: fx.Node) -> bool:
@@ -146,6 +147,27 @@ class Planner:
                 counts[str(n.target)] = counts.get(str(n.target), 0) + 1
         return {owner for owner, c in counts.items() if c > 1}
 
+    def removable(self, node: fx.Node) -> frozenset[int]:
+        """Always-zero channels of ``node`` that the deploy form removes physically: those of a dense
+        conv/linear output (through batch norms, gates, identities) read only by dense conv/linears."""
+        zeros = self.zeros.get(node, frozenset())
+        if not zeros or not node.users:
+            return frozenset()
+        for user in node.users:
+            info = self.info[user]
+            if info.kind not in (Kind.CONV, Kind.LINEAR) or info.input is not node or \
+                    info.params.get("groups", 1) != 1 or user not in self.linear:
+                return frozenset()
+        n = node
+        while self.info[n].kind in (Kind.BN, Kind.SCALE, Kind.IDENTITY) and n in self.linear:
+            n = self.info[n].input
+            if len(n.users) != 1:
+                return frozenset()
+        info = self.info[n]
+        if n in self.linear and info.kind in (Kind.CONV, Kind.LINEAR) and info.params.get("groups", 1) == 1:
+            return zeros
+        return frozenset()
+
     def _channels(self, node: fx.Node, dim: int | None = None) -> int:
         shape = self.graph.shape(node)
         if dim is None:
@@ -174,6 +196,11 @@ class Planner:
                 work.extend((i, None) for i in self.info[node].inputs if i in self.linear)
                 continue
             self._commit(solution, plan, work)
+        for exit_ in plan.merged:
+            final = self._groups[(plan.merged[exit_].entry, exit_)][3]
+            zeros = self.removable(exit_)
+            if zeros and final.groups == 1 and final.weight_ops and len(zeros) < final.out_channels:
+                plan.removed[exit_] = zeros
         return plan
 
     def _commit(self, solution: _Solution, plan: Plan, work: list) -> None:
@@ -183,7 +210,7 @@ class Planner:
                 _, start, end = step
                 if plan.is_realized(end):
                     continue
-                _, members, moves = self._groups[(start, end)]
+                _, members, moves, _ = self._groups[(start, end)]
                 plan.merged[end] = MergeGroup(start, end, members)
                 plan.padding_moves.update(moves)
             elif tag == "single":
@@ -285,7 +312,7 @@ class Planner:
             w = info.params["weight"]
             groups = info.params.get("groups", 1)
             c_out = w.shape[0]
-            c_in = w.shape[1] * groups - len(self.zeros.get(info.input, frozenset()))
+            c_in = w.shape[1] * groups - len(self.removable(info.input))
             macs = c_out * (c_in // groups if groups > 1 else c_in) * math.prod(w.shape[2:]) * \
                 self._positions(node, c_out)
             return Cost(macs=macs, weight_ops=1)
@@ -294,14 +321,15 @@ class Planner:
         return Cost(elementwise=1)
 
     # ------------------------------------------------------------------ one merged group
-    def group(self, start: fx.Node, end: fx.Node) -> tuple[Cost, tuple[fx.Node, ...], dict] | None:
-        """Cost, members and padding moves of computing ``end`` from ``start`` as one op (None if impossible)."""
+    def group(self, start: fx.Node, end: fx.Node) -> tuple[Cost, tuple[fx.Node, ...], dict, Map] | None:
+        """Cost, members, padding moves and (shape-mode) map of computing ``end`` from ``start`` as one op,
+        or None when that is impossible."""
         key = (start, end)
         if key not in self._groups:
             self._groups[key] = self._group(start, end)
         return self._groups[key]
 
-    def _group(self, start: fx.Node, end: fx.Node) -> tuple[Cost, tuple[fx.Node, ...], dict] | None:
+    def _group(self, start: fx.Node, end: fx.Node) -> tuple[Cost, tuple[fx.Node, ...], dict, Map] | None:
         members = self.between(start, end)
         if members is None:
             return None
@@ -328,10 +356,10 @@ class Planner:
         elif final.weight_ops == 0:
             cost = Cost(elementwise=1, changes=1)
         else:
-            zero_in = len(self.zeros.get(start, frozenset()))
-            cost = Cost(macs=affine.macs(final, self._positions(end, final.out_channels), zero_in), weight_ops=1,
-                        changes=1)
-        return cost, members, moves
+            removed_out = len(self.removable(end)) if final.groups == 1 else 0
+            cost = Cost(macs=affine.macs(final, self._positions(end, final.out_channels), len(self.removable(start)),
+                                         removed_out), weight_ops=1, changes=1)
+        return cost, members, moves, final
 
 
 # ============================================================================ evaluation
