@@ -1,0 +1,199 @@
+"""Side-by-side cost of two models: parameters, MACs and interleaved latency, reported as ratios."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlc._inputs import ExampleInputs, batch_size_of
+from tlc.errors import SpecError
+from tlc.measure.count import count_macs, count_params
+from tlc.measure.latency import (
+    LatencyStats,
+    make_runner,
+    onnx_model_file,
+    rebatch,
+    time_callable,
+    torch_threads,
+)
+
+
+@dataclass
+class Comparison:
+    """Cost of model a and model b; `ratio` = a / b, i.e. the speed-up of b over a.
+
+    `macs` are for one forward on the example inputs (batch `example_batch_size`). Each row holds
+    one (backend, batch size): the median and p10/p90 latency of each model over all timed calls,
+    and the median and quartiles of the per-round latency ratios.
+    """
+
+    labels: tuple[str, str]
+    params: tuple[int, int]
+    macs: tuple[int, int]
+    example_batch_size: int
+    rows: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params[0] / self.params[1]
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs[0] / self.macs[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return {
+            "labels": list(self.labels),
+            "params": list(self.params),
+            "macs": list(self.macs),
+            "example_batch_size": self.example_batch_size,
+            "params_ratio": self.params_ratio,
+            "macs_ratio": self.macs_ratio,
+            "settings": dict(self.settings),
+            "rows": [dict(row) for row in self.rows],
+        }
+
+    def __str__(self) -> str:
+        a, b = self.labels
+        width = max(len(a), len(b), len("ratio a/b"))
+        lines = [
+            f"{'':{width}}  {'params':>10}  {f'MACs (batch {self.example_batch_size})':>18}",
+            f"{a:{width}}  {_si(self.params[0]):>10}  {_si(self.macs[0]):>18}",
+            f"{b:{width}}  {_si(self.params[1]):>10}  {_si(self.macs[1]):>18}",
+            f"{'ratio a/b':{width}}  {self.params_ratio:>10.3f}  {self.macs_ratio:>18.3f}",
+            "",
+            f"{'backend':<12} {'batch':>5} {a + ' ms':>12} {b + ' ms':>12} {'a/b':>7}  {'IQR':<17} rounds",
+        ]
+        for r in self.rows:
+            iqr = f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}"
+            lines.append(
+                f"{r['backend']:<12} {r['batch_size']:>5} {r['a_median_ms']:>12.3f} "
+                f"{r['b_median_ms']:>12.3f} {r['ratio']:>7.3f}  {iqr:<17} {r['rounds']}"
+            )
+        s = self.settings
+        lines.append(f"(device {s.get('device')}, {s.get('threads')} threads, median of "
+                     f"{s.get('timed_calls')} calls per model after {s.get('warmup')} warm-up calls)")
+        return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    """Number with a k/M/G suffix, three significant digits."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:g}"
+
+
+def compare(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    batch_sizes: Sequence[int] = (1,),
+    backends: Sequence[str] = ("eager",),
+    warmup: int = 10,
+    repeats: int = 30,
+    rounds: int = 5,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    channels_last: bool = False,
+    labels: tuple[str, str] = ("a", "b"),
+) -> Comparison:
+    """Parameters, MACs and latency of `model_a` against `model_b` on the same inputs.
+
+    Latency is measured interleaved: after `warmup` calls of each, `rounds` rounds each time a burst
+    of ceil(`repeats` / `rounds`) calls of a and of b, alternating which goes first (a b, b a, ...),
+    so drift, frequency scaling and background load hit both models alike. The per-round ratio of
+    burst medians gives the reported ratio (median) and its spread (quartiles); the defaults give
+    5 rounds of 6 calls (bursts much shorter than ~5 calls make the per-round ratio of a
+    microsecond-scale model noisy). channels_last applies to the eager backend only; for
+    onnxruntime each model is exported (and verified) once and reused for every batch size.
+    """
+    if rounds < 1 or repeats < 1:
+        raise SpecError(f"rounds and repeats must be >= 1, got rounds={rounds}, repeats={repeats}")
+    models = (model_a, model_b)
+    burst = math.ceil(repeats / rounds)
+    rows = []
+    with torch_threads(threads) as used_threads, ExitStack() as files:
+        for backend in backends:
+            paths = [files.enter_context(onnx_model_file(m, example_inputs, backend, None)) for m in models]
+            for batch_size in batch_sizes:
+                rows.append(_measure_pair(
+                    models, paths, rebatch(example_inputs, batch_size), backend=backend, device=device,
+                    threads=threads, channels_last=channels_last and backend == "eager", warmup=warmup,
+                    rounds=rounds, burst=burst,
+                ))
+    return Comparison(
+        labels=labels,
+        params=(count_params(model_a), count_params(model_b)),
+        macs=(count_macs(model_a, example_inputs), count_macs(model_b, example_inputs)),
+        example_batch_size=batch_size_of(example_inputs),
+        rows=rows,
+        settings=dict(
+            device=str(torch.device(device)), threads=used_threads, warmup=warmup, rounds=rounds,
+            burst=burst, timed_calls=rounds * burst, channels_last=channels_last,
+        ),
+    )
+
+
+_ROW_STATS = ("median_ms", "p10_ms", "p90_ms")
+
+
+def _measure_pair(
+    models: tuple[nn.Module, nn.Module],
+    paths: list[Path | None],
+    inputs: ExampleInputs,
+    *,
+    backend: str,
+    device: str | torch.device,
+    threads: int | None,
+    channels_last: bool,
+    warmup: int,
+    rounds: int,
+    burst: int,
+) -> dict[str, Any]:
+    """One comparison row: interleaved bursts of both models on `inputs`."""
+    runners = [
+        make_runner(m, inputs, backend=backend, device=device, threads=threads, channels_last=channels_last,
+                    onnx_path=p)
+        for m, p in zip(models, paths)
+    ]
+    fns: list[Callable[[], Any]] = [fn for fn, _, _ in runners]
+    clock = runners[0][2]
+    samples: list[list[float]] = [[], []]
+    ratios = []
+    with torch.inference_mode():
+        for fn in fns:
+            time_callable(fn, warmup=warmup, repeats=0, device=clock)
+        for r in range(rounds):
+            medians = [0.0, 0.0]
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                times = time_callable(fns[i], warmup=0, repeats=burst, device=clock)
+                samples[i].extend(times)
+                medians[i] = float(np.median(times))
+            ratios.append(medians[0] / medians[1])
+    conditions = dict(warmup=warmup, batch_size=batch_size_of(inputs), backend=backend,
+                      device=str(torch.device(device)), channels_last=channels_last)
+    stats = [LatencyStats.from_samples(s, threads=t, **conditions) for s, (_, t, _) in zip(samples, runners)]
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return {
+        "backend": backend,
+        "batch_size": batch_size_of(inputs),
+        **{f"{k}_{f}": getattr(st, f) for k, st in zip("ab", stats) for f in _ROW_STATS},
+        "ratio": float(median),
+        "ratio_q1": float(q1),
+        "ratio_q3": float(q3),
+        "rounds": rounds,
+        "timed_calls": len(samples[0]),
+        "threads": stats[0].threads,
+    }
