@@ -21,3 +21,10 @@ class VerificationError(MergeError):
 
 class SpecError(TLCError, ValueError):
     """A model, data or option specification is malformed or points at nothing."""
+
+
+class UnknownSiteError(TLCError, KeyError):
+    """A site name that the model does not have (the message suggests close names)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from tlc._inputs import ExampleInputs, as_call, max_relative_error, output_tensors
-from tlc.errors import TraceError
+from tlc.errors import TraceError, UnknownSiteError
 from tlc.ops import LINEAR_KINDS, Kind, OpInfo, classify, is_leaf_module
 from tlc.surgery import modules as _tlc_modules  # noqa: F401  (registers tlc's own modules)
 
@@ -92,7 +92,7 @@ class Graph:
         for s in self.sites:
             if s.name == name:
                 return s
-        raise KeyError(_unknown_site_message(name, [s.name for s in self.sites]))
+        raise UnknownSiteError(_unknown_site_message(name, [s.name for s in self.sites]))
 
     def site_node(self, site: Site) -> fx.Node:
         for n in self.gm.graph.nodes:

@@ -96,7 +96,7 @@ class Planner:
         self.info = graph.info
         self.linear = {n for n in self.nodes if self.info[n].kind in LINEAR_KINDS and self._analysable(n)}
         self.zeros = self._structural_zeros()
-        self.entries = self._entries()
+        self.dominators = self._dominators()
         self.shared = self._shared_owners()
         self._solutions: dict[tuple[fx.Node, fx.Node], _Solution | None] = {}
         self._groups: dict[tuple[fx.Node, fx.Node], tuple[Cost, tuple[fx.Node, ...], dict, Map] | None] = {}
@@ -127,15 +127,23 @@ class Planner:
             zeros[n] = z
         return zeros
 
-    def _entries(self) -> dict[fx.Node, frozenset[fx.Node]]:
-        entries: dict[fx.Node, frozenset[fx.Node]] = {}
+    def _dominators(self) -> dict[fx.Node, frozenset[fx.Node]]:
+        """For each linear node, the nodes every path from any region entry to it goes through."""
+        dom: dict[fx.Node, frozenset[fx.Node]] = {}
         for n in self.nodes:
-            if n in self.linear:
-                acc: frozenset[fx.Node] = frozenset()
-                for i in self.info[n].inputs:
-                    acc |= entries[i] if i in self.linear else frozenset({i})
-                entries[n] = acc
-        return entries
+            if n not in self.linear:
+                continue
+            common: frozenset[fx.Node] | None = None
+            for i in self.info[n].inputs:
+                d = dom[i] if i in self.linear else frozenset({i})
+                common = d if common is None else common & d
+            dom[n] = (common or frozenset()) | {n}
+        return dom
+
+    def entry_of(self, node: fx.Node) -> fx.Node | None:
+        """The farthest tensor every path to ``node`` goes through: where to compute it from."""
+        candidates = [d for d in self.dominators[node] if d is not node]
+        return min(candidates, key=self.order.__getitem__) if candidates else None
 
     def _shared_owners(self) -> set[str]:
         counts: dict[str, int] = {}
@@ -188,14 +196,15 @@ class Planner:
             if plan.is_realized(node):
                 continue
             if entry is None:
-                ent = self.entries[node]
-                entry = next(iter(ent)) if len(ent) == 1 else None
+                entry = self.entry_of(node)
             solution = self.solve(entry, node) if entry is not None else None
             if solution is None:
                 plan.kept.add(node)
                 work.extend((i, None) for i in self.info[node].inputs if i in self.linear)
                 continue
             self._commit(solution, plan, work)
+            if entry in self.linear:
+                work.append((entry, None))
         for exit_ in plan.merged:
             final = self._groups[(plan.merged[exit_].entry, exit_)][3]
             zeros = self.removable(exit_)

@@ -1,0 +1,108 @@
+"""merge: policies, cost model, channel removal, verification, and HF models through torch.export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tlc
+from tlc.errors import VerificationError
+from tlc.surgery import compose
+from tlc.zoo.cifar import cifar_mobilenet_v2, cifar_resnet18
+
+from .helpers import randomize_bn, rel_err
+
+
+def _resnet():
+    return randomize_bn(cifar_resnet18(width=8)).eval()
+
+
+def test_merge_folds_every_batch_norm_and_keeps_the_model():
+    model = _resnet().train()
+    x = torch.randn(2, 3, 16, 16)
+    dep = tlc.merge(model, x)
+    assert model.training and not dep.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in dep.modules())
+    assert rel_err(model.eval()(x), dep(x)) < 1e-5
+
+
+def test_policies_on_a_fully_linearized_mobilenet():
+    model = randomize_bn(cifar_mobilenet_v2(width_mult=0.25)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    sites = tlc.find_sites(model, x)
+    results = {}
+    for policy in ("never", "macs", "always"):
+        lin = tlc.linearize(model, sites, x, policy=policy)
+        dep = tlc.merge(lin, x)
+        assert rel_err(lin(x), dep(x)) < 1e-4
+        results[policy] = (tlc.measure.count_macs(lin, x), tlc.measure.count_macs(dep, x), tlc.measure.depth(dep, x))
+    lin_macs = results["never"][0]
+    assert results["never"][1] == lin_macs  # folds only
+    assert results["macs"][1] <= lin_macs  # never adds MACs
+    assert results["always"][2] < results["macs"][2] <= results["never"][2]
+
+
+def test_default_policy_merges_a_linearized_inverted_residual_into_one_conv():
+    model = randomize_bn(cifar_mobilenet_v2(width_mult=0.5)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    block = "features.3.conv"  # stride-1 block with a residual connection
+    names = [s.name for s in tlc.find_sites(model, x) if s.name.startswith(block)]
+    assert len(names) == 2
+    lin = tlc.linearize(model, names, x)
+    dep = tlc.merge(lin, x)
+    assert rel_err(lin(x), dep(x)) < 1e-5
+    assert tlc.measure.count_macs(dep, x) < tlc.measure.count_macs(lin, x)
+    assert tlc.measure.depth(dep, x) == tlc.measure.depth(model, x) - 2
+    assert any("add" in r.replaces[-1] for r in dep.tlc_report.records)
+
+
+def test_verification_catches_a_wrong_merge(monkeypatch):
+    model = _resnet()
+    x = torch.randn(1, 3, 16, 16)
+    original = compose.scale_output_channels
+
+    def corrupted(weight, bias, scale, shift=None):
+        w, b = original(weight, bias, scale, shift)
+        return w * 1.01, b
+
+    monkeypatch.setattr(compose, "scale_output_channels", corrupted)
+    with pytest.raises(VerificationError, match="relative error"):
+        tlc.merge(model, x)
+
+
+def test_shared_weights_are_left_unmerged_but_correct():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.fc(x)))
+
+    model = randomize_bn(Tied()).eval()
+    x = torch.randn(4, 5)
+    dep = tlc.merge(model, x, policy="always")
+    assert rel_err(model(x), dep(x)) < 1e-6
+    assert tlc.measure.depth(dep, x) == 2
+
+
+def test_hf_bert_ffn_collapses_to_one_linear_with_the_residual_folded():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    x = {"input_ids": torch.randint(5, 50, (2, 7)), "attention_mask": mask}
+    sites = tlc.find_sites(model, x)
+    assert [s.name for s in sites] == [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in (0, 1)]
+    lin = tlc.linearize(model, sites, x)
+    assert isinstance(lin, transformers.BertForSequenceClassification)
+    dep = tlc.merge(lin, x)
+    assert [r.layer for r in dep.tlc_report.records] == ["Linear(16->16)", "Linear(16->16)"]
+    out = dep(**x)
+    assert rel_err(lin(**x).logits, out.logits) < 1e-5
+    other = {"input_ids": torch.randint(5, 50, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
+    assert rel_err(lin(**other).logits, dep(**other).logits) < 1e-5  # dynamic batch and length
+    assert tlc.measure.depth(dep, x) == tlc.measure.depth(model, x) - 2
