@@ -322,7 +322,7 @@ def _aten_bn_no_training(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
 def _getitem(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
     src, index = node.args[0], node.args[1]
     if (isinstance(src, fx.Node) and src.op == "call_function" and index == 0
-            and src.target is getattr(torch.ops.aten, "_native_batch_norm_legit_no_training").default):
+            and src.target is torch.ops.aten._native_batch_norm_legit_no_training.default):
         info = _aten_bn_no_training(src, gm)
         if info.kind is Kind.BN:
             return info

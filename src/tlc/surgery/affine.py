@@ -131,10 +131,7 @@ def apply_affine(m: Map, scale: torch.Tensor, shift: torch.Tensor | None, *, num
     if scale.numel() != m.out_channels:
         raise Infeasible(f"per-channel op has {scale.numel()} channels, its input {m.out_channels}")
     zeros = frozenset(int(i) for i in torch.nonzero(scale == 0).flatten().tolist())
-    if shift is None:
-        zero_out = m.zero_out | zeros
-    else:
-        zero_out = frozenset(i for i in zeros if float(shift[i]) == 0.0)
+    zero_out = frozenset(i for i in m.zero_out | zeros if shift is None or float(shift[i]) == 0.0)
     w = b = None
     if numeric:
         w, b = compose.scale_output_channels(m.weight, m.bias, _f64(scale), _f64(shift))

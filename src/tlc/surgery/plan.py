@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
-
 from torch import fx
 
 from tlc.graph import Graph
