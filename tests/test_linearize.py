@@ -121,3 +121,53 @@ def test_repeated_linearization_accumulates_the_record():
     assert len(tlc.find_sites(lin2, x)) == 14
     dep = tlc.merge(lin2, x)
     assert rel_err(lin2(x), dep(x)) < 1e-4
+
+
+def test_site_names_stay_stable_across_linearizations():
+    import torchvision
+
+    model = randomize_bn(torchvision.models.resnet18(num_classes=4)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    names = [s.name for s in tlc.find_sites(model, x)]
+    lin = tlc.linearize(model, ["layer1.0.relu#0", "layer2.1.relu#1"], x)
+    remaining = [s.name for s in tlc.find_sites(lin, x)]
+    assert remaining == [n for n in names if n not in ("layer1.0.relu#0", "layer2.1.relu#1")]
+    lin2 = tlc.linearize(lin, ["layer1.0.relu#1"], x)
+    assert "layer1.0.relu#1" not in [s.name for s in tlc.find_sites(lin2, x)]
+    dep = tlc.merge(lin2, x)
+    assert [s.name for s in tlc.find_sites(dep, x)] == [n for n in remaining if n != "layer1.0.relu#1"]
+
+
+def test_functional_sites_keep_their_names():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(torch.nn.functional.leaky_relu(self.b(torch.relu(self.a(x))), 0.2))
+
+    model = Functional().eval()
+    x = torch.randn(5, 4)
+    names = [s.name for s in tlc.find_sites(model, x)]
+    lin = tlc.linearize(model, [names[0]], x)
+    assert [s.name for s in tlc.find_sites(lin, x)] == names[1:]
+    manual = model.c(torch.nn.functional.leaky_relu(model.b(model.a(x)), 0.2))
+    assert rel_err(manual, lin(x)) < 1e-6
+
+
+def test_restore_rebuilds_the_training_form_from_its_record():
+    from tlc.surgery.linearize import restore
+
+    model = _model()
+    x = torch.randn(2, 3, 12, 12)
+    lin = tlc.linearize(model, ["r1"], x, masks={"r1": [1, 1, 0, 1, 0, 1, 1, 1]}, policy="always")
+    lin = tlc.linearize(lin, ["r2"], x, policy="always")
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "fine-tuned"
+    rebuilt = restore(_model(), lin._tlc_record, x)
+    rebuilt.load_state_dict(lin.state_dict())
+    assert rel_err(lin(x), rebuilt(x)) < 1e-6
+    assert [m.padding for m in rebuilt.modules() if isinstance(m, nn.Conv2d)] == \
+        [m.padding for m in lin.modules() if isinstance(m, nn.Conv2d)]

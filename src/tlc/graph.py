@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 from tlc._inputs import ExampleInputs, as_call, max_relative_error, output_tensors
 from tlc.errors import TraceError, UnknownSiteError
 from tlc.ops import LINEAR_KINDS, Kind, OpInfo, classify, is_leaf_module
-from tlc.surgery import modules as _tlc_modules  # noqa: F401  (registers tlc's own modules)
+from tlc.surgery.modules import SiteActivation
 
 TRACE_TOLERANCE = 1e-5
 
@@ -310,17 +310,14 @@ def _is_activation_module_type(cls: type | str | None) -> bool:
     return any(key in lowered for key in ("relu", "gelu", "silu", "swish", "mish", "hardswish", "activation", "elu"))
 
 
-def _site_base_name(node: fx.Node, graph: Graph) -> tuple[str, str | None]:
-    if node.op == "call_module":
-        return str(node.target), str(node.target)
+def _functional_site_name(node: fx.Node, graph: Graph) -> str:
+    """The enclosing activation module's path (torch.export graphs), else that module's path and the op."""
     path = module_path(node)
-    if path:
-        cls = _innermost_module_type(node)
-        type_name = cls if cls is not None else list(node.meta["nn_module_stack"].values())[-1][1]
-        if _is_activation_module_type(type_name):
-            return path, path
-        return f"{path}.{graph.info[node].activation}", None
-    return node.name, None
+    if not path:
+        return node.name
+    cls = _innermost_module_type(node)
+    type_name = cls if cls is not None else list(node.meta["nn_module_stack"].values())[-1][1]
+    return path if _is_activation_module_type(type_name) else f"{path}.{graph.info[node].activation}"
 
 
 def channel_dim_of(graph: Graph, node: fx.Node) -> int:
@@ -349,18 +346,44 @@ def channel_dim_of(graph: Graph, node: fx.Node) -> int:
     return 1
 
 
-def _find_sites(graph: Graph) -> list[Site]:
-    site_nodes = [n for n in graph.gm.graph.nodes if graph.info[n].kind is Kind.SITE]
-    bases = [_site_base_name(n, graph) for n in site_nodes]
+def _site_names(graph: Graph, site_nodes: list[fx.Node]) -> list[tuple[str, str | None, int]]:
+    """(name, module path, call index) per site node.
+
+    Sites already wrapped by tlc (``SiteActivation``) keep the name they were given; others are named
+    by module path (``#k`` when the module is called several times) or by enclosing module and op.
+    """
+    bases: list[tuple[str | None, str | None]] = []
+    for n in site_nodes:
+        module = graph.gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(module, SiteActivation):
+            bases.append((None, None))
+        elif n.op == "call_module":
+            bases.append((str(n.target), str(n.target)))
+        else:
+            name = _functional_site_name(n, graph)
+            bases.append((name, name if name == module_path(n) else None))
     totals: dict[str, int] = {}
     for base, _ in bases:
-        totals[base] = totals.get(base, 0) + 1
+        if base is not None:
+            totals[base] = totals.get(base, 0) + 1
     seen: dict[str, int] = {}
-    sites = []
-    for node, (base, module) in zip(site_nodes, bases):
+    names = []
+    for (base, module), node in zip(bases, site_nodes):
+        if base is None:
+            wrapper = graph.gm.get_submodule(node.target)
+            call = int(wrapper.site.rsplit("#", 1)[1]) if "#" in wrapper.site else 0
+            names.append((wrapper.site, wrapper.origin, call))
+            continue
         k = seen.get(base, 0)
         seen[base] = k + 1
-        name = base if totals[base] == 1 else f"{base}#{k}"
+        names.append((base if totals[base] == 1 else f"{base}#{k}", module, k))
+    return names
+
+
+def _find_sites(graph: Graph) -> list[Site]:
+    site_nodes = [n for n in graph.gm.graph.nodes if graph.info[n].kind is Kind.SITE]
+    sites = []
+    for node, (name, module, k) in zip(site_nodes, _site_names(graph, site_nodes)):
         x = graph.info[node].input
         shape = graph.shape(x) or ()
         dim = channel_dim_of(graph, x)

@@ -19,7 +19,7 @@ from tlc._inputs import ExampleInputs
 from tlc.errors import MergeError, TraceError
 from tlc.graph import Graph, Site, resolve_sites, trace
 from tlc.ops import Kind
-from tlc.surgery.modules import SiteGate
+from tlc.surgery.modules import SiteActivation, SiteGate
 from tlc.surgery.plan import POLICIES, Planner, conv_module_path
 
 Masks = Mapping[str, Any]
@@ -50,9 +50,9 @@ def linearize(
         form: nn.Module = _gate_graph(graph, chosen, checked)
     else:
         form = _gate_modules(model, chosen, checked)
-    if exact and chosen:
-        _move_padding(form, example_inputs, {s.name for s in chosen}, policy)
+    moves = _move_padding(form, example_inputs, {s.name for s in chosen}, policy) if exact and chosen else {}
     record = dict(getattr(model, "_tlc_record", {}) or {})
+    record["paddings"] = {**record.get("paddings", {}), **{k: list(v) for k, v in moves.items()}}
     record["sites"] = list(record.get("sites", [])) + [s.name for s in chosen]
     record["masks"] = dict(record.get("masks", {}))
     for s in chosen:
@@ -82,21 +82,70 @@ def _check_masks(chosen: list[Site], masks: Masks) -> dict[str, torch.Tensor]:
     return checked
 
 
-def _module_name(site: Site) -> str:
-    return "tlc_sites." + re.sub(r"[^0-9A-Za-z_]", "_", site.name)
+def _unique_submodule_name(gm: nn.Module, prefix: str, site: str) -> str:
+    base = f"{prefix}.{re.sub(r'[^0-9A-Za-z_]', '_', site)}"
+    name, k = base, 1
+    while _has_submodule(gm, name):
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _has_submodule(gm: nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _wrap(gm: fx.GraphModule, node: fx.Node, site: Site) -> SiteActivation | None:
+    """A SiteActivation computing what ``node`` computes (None if already wrapped or not wrappable)."""
+    extra_args = node.args[1:]
+    if any(isinstance(a, fx.Node) for a in (*extra_args, *node.kwargs.values())):
+        return None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, SiteActivation):
+            return None
+        return SiteActivation(site.name, site.activation, module=module, origin=site.module)
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "input"}
+    function = getattr(torch.Tensor, node.target) if node.op == "call_method" else node.target
+    if extra_args:
+        return SiteActivation(site.name, site.activation, function=_Bound(function, extra_args), kwargs=kwargs)
+    return SiteActivation(site.name, site.activation, function=function, kwargs=kwargs)
+
+
+class _Bound:
+    """``function(x, *args)``: a functional activation called with extra positional constants."""
+
+    def __init__(self, function: Any, args: tuple):
+        self.function, self.args = function, tuple(args)
+
+    def __call__(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.function(x, *self.args, **kwargs)
 
 
 def _gate_graph(graph: Graph, chosen: list[Site], masks: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """Replace the chosen site nodes by gates, and wrap every other site so that its name stays stable."""
     gm = copy.deepcopy(graph.gm)
     by_name = {n.name: n for n in gm.graph.nodes}
-    for site in chosen:
+    chosen_names = {s.name for s in chosen}
+    for site in graph.sites:
         node = by_name[site.node]
-        x = by_name[graph.info[graph.site_node(site)].input.name]
-        gm.add_submodule(_module_name(site), SiteGate(site.name, masks.get(site.name), site.channel_dim,
-                                                      len(site.shape)))
+        if site.name in chosen_names:
+            module = SiteGate(site.name, masks.get(site.name), site.channel_dim, len(site.shape))
+            prefix = "tlc_sites"
+        else:
+            module = _wrap(gm, node, site)
+            prefix = "tlc_acts"
+            if module is None:
+                continue
+        name = _unique_submodule_name(gm, prefix, site.name)
+        gm.add_submodule(name, module)
         with gm.graph.inserting_after(node):
-            gate = gm.graph.call_module(_module_name(site), (x,))
-        node.replace_all_uses_with(gate)
+            replacement = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
+        node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
@@ -120,18 +169,38 @@ def _gate_modules(model: nn.Module, chosen: list[Site], masks: dict[str, torch.T
     return form
 
 
-def _move_padding(form: nn.Module, example_inputs: ExampleInputs, site_names: set[str], policy: str) -> None:
+def restore(model: nn.Module, record: Mapping[str, Any], example_inputs: ExampleInputs) -> nn.Module:
+    """Rebuild a training form from the original ``model`` and the ``_tlc_record`` of a linearization.
+
+    Same sites, masks and padding moves, so a saved state dict of the training form loads into it.
+    """
+    masks = {k: v for k, v in record.get("masks", {}).items() if v is not None}
+    form = linearize(model, list(record.get("sites", [])), example_inputs, masks, exact=False,
+                     policy=record.get("policy", "macs"))
+    _set_paddings(form, {k: tuple(v) for k, v in record.get("paddings", {}).items()})
+    form._tlc_record = copy.deepcopy(dict(record))
+    return form
+
+
+def _set_paddings(form: nn.Module, paddings: Mapping[str, tuple[int, ...]]) -> None:
+    for path, padding in paddings.items():
+        conv = form.get_submodule(path)
+        conv.padding = tuple(padding)
+        conv._reversed_padding_repeated_twice = [p for p in reversed(padding) for _ in range(2)]
+
+
+def _move_padding(form: nn.Module, example_inputs: ExampleInputs, site_names: set[str],
+                  policy: str) -> dict[str, tuple[int, ...]]:
+    """Move padding so that the segments the merge will collapse are exact; returns {conv path: padding}."""
     graph = trace(form, example_inputs)
     gates = {n for n in graph.nodes if n.op == "call_module" and isinstance(graph.gm.get_submodule(n.target), SiteGate)
              and graph.gm.get_submodule(n.target).site in site_names}
     planner = Planner(graph, policy, movable=gates)
     _refuse_shared(graph, planner, gates)
     plan = planner.plan()
-    for node, padding in plan.padding_moves.items():
-        path = conv_module_path(graph, node)
-        conv = form.get_submodule(path)
-        conv.padding = tuple(padding)
-        conv._reversed_padding_repeated_twice = [p for p in reversed(padding) for _ in range(2)]
+    moves = {conv_module_path(graph, node): tuple(padding) for node, padding in plan.padding_moves.items()}
+    _set_paddings(form, moves)
+    return moves
 
 
 def _refuse_shared(graph: Graph, planner: Planner, gates: set[fx.Node]) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import fx, nn
 
@@ -59,6 +62,36 @@ class ChannelAffine(nn.Module):
         return x * self.scale + self.shift
 
 
+class SiteActivation(nn.Module):
+    """An activation site that is still non-linear, carrying its name so it stays stable.
+
+    The training form wraps every remaining site in one of these: a module called twice, or a
+    functional activation, keeps the name it had in the original model however often the graph is
+    traced again. It computes exactly what the wrapped activation computed.
+    """
+
+    def __init__(self, site: str, activation: str, module: nn.Module | None = None,
+                 function: Callable[..., torch.Tensor] | None = None, kwargs: dict[str, Any] | None = None,
+                 origin: str | None = None):
+        super().__init__()
+        if (module is None) == (function is None):
+            raise ValueError("give exactly one of module and function")
+        self.site = site
+        self.origin = origin
+        self.activation = activation
+        self.act = module
+        self.function = function
+        self.kwargs = dict(kwargs or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            return self.act(x)
+        return self.function(x, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, activation={self.activation}"
+
+
 def _gate_info(node: fx.Node, m: SiteGate, gm: fx.GraphModule) -> OpInfo:
     if m.mask is None:
         return OpInfo(Kind.IDENTITY, (node.args[0],), note=f"linearized site {m.site}")
@@ -72,5 +105,11 @@ def _affine_info(node: fx.Node, m: ChannelAffine, gm: fx.GraphModule) -> OpInfo:
                   owner=str(node.target))
 
 
+def _activation_info(node: fx.Node, m: SiteActivation, gm: fx.GraphModule) -> OpInfo:
+    inplace = bool(getattr(m.act, "inplace", False) or m.kwargs.get("inplace", False))
+    return OpInfo(Kind.SITE, (node.args[0],), owner=str(node.target), activation=m.activation, inplace=inplace)
+
+
 register_module(SiteGate, _gate_info)
+register_module(SiteActivation, _activation_info)
 register_module(ChannelAffine, _affine_info)

@@ -1,0 +1,102 @@
+"""Run a traced graph with per-site observation and replacement, and re-run only a suffix of it.
+
+Used by the statistics (observe each site's pre-activation before the activation runs, so an
+in-place activation never hides it) and by the loss-gap ranking (collapse sites, recompute only what
+depends on them from cached activations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_unflatten
+
+from tlc.graph import Graph, placeholder_values
+
+Env = dict[fx.Node, Any]
+
+
+class _Interpreter(fx.Interpreter):
+    def __init__(self, runner: GraphRunner, replace: dict[fx.Node, Callable], observe: dict[fx.Node, Callable]):
+        super().__init__(runner.graph.gm, garbage_collect_values=False)
+        self.runner = runner
+        self.replace = replace
+        self.observe = observe
+
+    def run_node(self, n: fx.Node) -> Any:
+        info = self.runner.graph.info[n]
+        if n in self.observe:
+            self.observe[n](self.env[info.input])
+        if n in self.replace:
+            return self.replace[n](self.env[info.input])
+        if info.inplace:
+            mutated = info.inputs[0] if info.inputs else None
+            if isinstance(self.env.get(mutated), torch.Tensor):
+                self.env[mutated] = self.env[mutated].clone()  # keep the cached value intact
+        return super().run_node(n)
+
+
+class GraphRunner:
+    """Executes ``graph.gm`` node by node (eval mode, no grad) with hooks at chosen nodes."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.order = {n: i for i, n in enumerate(graph.gm.graph.nodes)}
+        codegen = graph.gm.graph._codegen
+        info = getattr(codegen, "pytree_info", None)
+        self.out_spec = info.out_spec if info is not None else None
+
+    def run(self, inputs: Any, *, replace: dict[fx.Node, Callable] | None = None,
+            observe: dict[fx.Node, Callable] | None = None, initial_env: Env | None = None) -> tuple[Any, Env]:
+        """Output (structured like the model's) and the environment of every node's value."""
+        from tlc._inputs import as_call
+
+        args, kwargs = as_call(inputs)
+        interpreter = _Interpreter(self, replace or {}, observe or {})
+        gm = self.graph.gm
+        was_training = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                out = interpreter.run(*placeholder_values(gm, args, kwargs), initial_env=dict(initial_env or {}))
+        finally:
+            gm.train(was_training)
+        if self.out_spec is not None:
+            out = tree_unflatten(list(out), self.out_spec)
+        return out, interpreter.env
+
+    def downstream(self, nodes: Iterable[fx.Node]) -> set[fx.Node]:
+        """Every node whose value depends on one of ``nodes`` (the nodes included)."""
+        seen: set[fx.Node] = set()
+        stack = list(nodes)
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.extend(n.users)
+        return seen
+
+    def rerun(self, cache: Env, inputs: Any, replace: dict[fx.Node, Callable]) -> Any:
+        """The output with ``replace`` applied, recomputing only the nodes that depend on it."""
+        dirty = self.downstream(replace)
+        initial = {n: v for n, v in cache.items() if n not in dirty and n.op != "output"}
+        out, _ = self.run(inputs, replace=replace, initial_env=initial)
+        return out
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits tensor of a model output: a tensor, an object/dict with ``logits``, or the first tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, list | tuple) and output:
+        logits = next((o for o in output if isinstance(o, torch.Tensor)), None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    return logits
