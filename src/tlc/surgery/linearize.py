@@ -189,12 +189,31 @@ def _set_paddings(form: nn.Module, paddings: Mapping[str, tuple[int, ...]]) -> N
         conv._reversed_padding_repeated_twice = [p for p in reversed(padding) for _ in range(2)]
 
 
+def gate_nodes(graph: Graph) -> dict[str, fx.Node]:
+    """The node of every linearized site's gate, by site name (fx: the gate's call; torch.export: the
+    multiplication by its mask; an identity gate leaves no node there)."""
+    found = {}
+    for node in graph.nodes:
+        info = graph.info[node]
+        if node.op == "call_module":
+            module = graph.gm.get_submodule(node.target)
+            if isinstance(module, SiteGate):
+                found[module.site] = node
+        elif info.kind is Kind.SCALE and info.owner and info.owner.endswith(".mask"):
+            try:
+                module = graph.source.get_submodule(info.owner[: -len(".mask")])
+            except AttributeError:
+                continue
+            if isinstance(module, SiteGate):
+                found[module.site] = node
+    return found
+
+
 def _move_padding(form: nn.Module, example_inputs: ExampleInputs, site_names: set[str],
                   policy: str) -> dict[str, tuple[int, ...]]:
     """Move padding so that the segments the merge will collapse are exact; returns {conv path: padding}."""
     graph = trace(form, example_inputs)
-    gates = {n for n in graph.nodes if n.op == "call_module" and isinstance(graph.gm.get_submodule(n.target), SiteGate)
-             and graph.gm.get_submodule(n.target).site in site_names}
+    gates = {node for name, node in gate_nodes(graph).items() if name in site_names}
     planner = Planner(graph, policy, movable=gates)
     _refuse_shared(graph, planner, gates)
     plan = planner.plan()

@@ -83,7 +83,7 @@ class Planner:
     """
 
     def __init__(self, graph: Graph, policy: str = "macs", *, movable: set[fx.Node] | None = None,
-                 max_weight_numel: int = MAX_MERGED_WEIGHT_NUMEL):
+                 barriers: set[fx.Node] | None = None, max_weight_numel: int = MAX_MERGED_WEIGHT_NUMEL):
         if policy not in POLICIES:
             raise ValueError(f"merge policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         self.graph = graph
@@ -93,7 +93,9 @@ class Planner:
         self.nodes = list(graph.gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.info = graph.info
-        self.linear = {n for n in self.nodes if self.info[n].kind in LINEAR_KINDS and self._analysable(n)}
+        barriers = barriers or set()
+        self.linear = {n for n in self.nodes
+                       if self.info[n].kind in LINEAR_KINDS and self._analysable(n) and n not in barriers}
         self.zeros = self._structural_zeros()
         self.dominators = self._dominators()
         self.shared = self._shared_owners()
@@ -210,6 +212,15 @@ class Planner:
             if zeros and final.groups == 1 and final.weight_ops and len(zeros) < final.out_channels:
                 plan.removed[exit_] = zeros
         return plan
+
+    def total_cost(self, plan: Plan) -> Cost:
+        """Cost of the deploy form a plan describes (linear operations only)."""
+        total = Cost()
+        for exit_, group in plan.merged.items():
+            total = total + self._groups[(group.entry, exit_)][0]
+        for node in plan.kept:
+            total = total + self._op_cost(node)
+        return total
 
     def _commit(self, solution: _Solution, plan: Plan, work: list) -> None:
         for step in solution.steps:

@@ -1,0 +1,280 @@
+"""Command line: ``tlc compress | demo | report | export``.
+
+Bad specs, missing files and mismatches print one ``tlc: error: ...`` line and exit with status 2;
+an interrupted run prints how to resume it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _add_compress_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="tlc", help="compression method (default: tlc)")
+    p.add_argument("--preset", choices=["default", "paper"], default="default",
+                   help="'paper' follows the published TLC protocol (full retraining per step)")
+    p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="POINTS",
+                   help="accuracy budget: points of validation accuracy the result may lose (default 1.0)")
+    p.add_argument("--max-steps", type=int, help="stop after this many compression steps")
+    p.add_argument("--target-macs-ratio", type=float, help="stop once MACs <= this fraction of the original")
+    p.add_argument("--target-speedup", type=float, help="stop once the measured batch-1 speed-up reaches this")
+    p.add_argument("--finetune-epochs", type=float, help="fine-tuning epochs after each step")
+    p.add_argument("--final-finetune-epochs", type=float, help="fine-tuning epochs for the chosen model")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate")
+    p.add_argument("--batch-size", type=int, help="fine-tuning batch size")
+    p.add_argument("--distill", action="store_true", help="fine-tune with knowledge distillation from the original")
+    p.add_argument("--policy", choices=["macs", "always", "never"], help="merge policy (default macs)")
+    p.add_argument("--calibration-size", type=int, help="samples used to rank sites")
+    p.add_argument("--gap-tolerance", type=float, help="joint loss gap allowed in one step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--latency-batch-sizes", type=int, nargs="+", default=[1], metavar="B")
+    p.add_argument("--onnx-latency", action="store_true", help="also time ONNX Runtime")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tlc.zoo.data import DATA_SPECS
+
+    parser = argparse.ArgumentParser(prog="tlc", description="Make trained networks shallower and faster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="compress a trained model", formatter_class=argparse.RawTextHelpFormatter)
+    c.add_argument("--model", required=True,
+                   help="torchvision:NAME | timm:NAME | hf:PATH | tlc:NAME | py:FILE.py:FUNCTION")
+    c.add_argument("--data", required=True, help="\n".join(f"{k}: {v}" for k, v in DATA_SPECS.items()))
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--weights", help="trained weights: .safetensors or a state_dict file (loaded weights_only)")
+    c.add_argument("--num-classes", type=int, help="classes of the model's head (default: from the data)")
+    c.add_argument("--train-epochs", type=float, default=0.0,
+                   help="train the model this many epochs before compressing (for models without weights)")
+    _add_compress_options(c)
+    d = sub.add_parser("demo", help="train a small network, compress it, print before/after")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
+    d.add_argument("--quiet", action="store_true")
+    r = sub.add_parser("report", help="print the before/after table of a run and draw its plots")
+    r.add_argument("dir")
+    r.add_argument("--no-plots", action="store_true")
+    e = sub.add_parser("export", help="export a compressed model")
+    e.add_argument("dir")
+    e.add_argument("--onnx", action="store_true", required=True, help="write DIR/model.onnx (verified)")
+    e.add_argument("--output", help="file to write (default DIR/model.onnx)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tlc`` command."""
+    args = _parser().parse_args(argv)
+    from tlc.errors import TLCError
+
+    try:
+        return {"compress": _compress, "demo": _demo, "report": _report, "export": _export}[args.command](args)
+    except (TLCError, FileNotFoundError, ValueError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"tlc: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None) or getattr(args, "dir", "")
+        print(f"\ntlc: interrupted; continue with the same command and --resume (outputs in {out})", file=sys.stderr)
+        return 130
+
+
+# ============================================================================ compress
+
+
+def _config(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from tlc.methods.tlc import TLCConfig
+    from tlc.train import DistillConfig
+
+    config = TLCConfig.paper() if args.preset == "paper" else TLCConfig()
+    finetune = config.finetune
+    if args.finetune_epochs is not None:
+        finetune = dataclasses.replace(finetune, epochs=args.finetune_epochs)
+    if args.lr is not None:
+        finetune = dataclasses.replace(finetune, lr=args.lr)
+    if args.batch_size is not None:
+        finetune = dataclasses.replace(finetune, batch_size=args.batch_size)
+    overrides: dict[str, Any] = dict(finetune=finetune, max_acc_drop=args.max_acc_drop, seed=args.seed,
+                                     max_steps=args.max_steps, target_macs_ratio=args.target_macs_ratio,
+                                     target_speedup=args.target_speedup)
+    for name in ("policy", "calibration_size", "gap_tolerance", "final_finetune_epochs"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.distill:
+        overrides["distill"] = DistillConfig()
+    return dataclasses.replace(config, **overrides)
+
+
+def _load(model_spec: str, data_spec: str, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from tlc.errors import SpecError
+    from tlc.zoo.data import load_data
+    from tlc.zoo.models import build_model, load_tokenizer, parse_model_spec
+
+    spec = parse_model_spec(model_spec)
+    tokenizer = load_tokenizer(spec) if spec.kind == "hf" else None
+    data = load_data(data_spec, seed=args.seed, tokenizer=tokenizer)
+    if data.kind == "text" and tokenizer is None:
+        raise SpecError(f"{data.name} is text data: use a Hugging Face model (--model hf:PATH)")
+    num_classes = args.num_classes or data.num_classes
+    if num_classes != data.num_classes:
+        raise SpecError(f"--num-classes {num_classes} does not match the {data.num_classes} classes of {data.name}")
+    in_channels = data.input_shape[0] if data.input_shape else None
+    model, built = build_model(spec, num_classes=num_classes, in_channels=in_channels, weights=args.weights)
+    _check_shapes(model, data)
+    return model, built, data
+
+
+def _check_shapes(model: Any, data: Any) -> None:
+    import torch
+
+    from tlc.criteria.runner import logits_of
+    from tlc.errors import SpecError
+
+    inputs = data.example_inputs(2)
+    try:
+        with torch.no_grad():
+            out = model.eval()(**inputs) if isinstance(inputs, dict) else model.eval()(inputs)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        shape = data.input_shape or "token ids"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"the model cannot take {data.name} inputs of shape {shape}: {first}") from exc
+    logits = logits_of(out)
+    if logits.shape[-1] != data.num_classes:
+        raise SpecError(f"the model outputs {logits.shape[-1]} classes, {data.name} has {data.num_classes}")
+
+
+def _pretrain(model: Any, data: Any, epochs: float, out: Path, args: argparse.Namespace, quiet: bool) -> None:
+    """Train an untrained model first (kept in OUT/trained.safetensors so that --resume reuses it)."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from tlc.train import FitConfig, fit
+
+    path = out / "trained.safetensors"
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        print(f"using the model trained earlier: {path}")
+        return
+    config = dataclasses.replace(FitConfig(epochs=epochs, lr=0.05, schedule="cosine", weight_decay=5e-4),
+                                 **({"batch_size": args.batch_size} if getattr(args, "batch_size", None) else {}))
+    fit(model, data.train, config, collate_fn=data.collate_fn, device=args.device, seed=args.seed,
+        progress=not quiet, description="training")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".trained.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from tlc.compress import compress
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, spec, data = _load(args.model, args.data, args)
+    out = Path(args.out)
+    if args.train_epochs:
+        _pretrain(model, data, args.train_epochs, out, args, args.quiet)
+    backends = ("eager", "onnxruntime") if args.onnx_latency else ("eager",)
+    result = compress(
+        model, data.train, data.val, method=args.method, config=_config(args), test_data=data.test,
+        collate_fn=data.collate_fn, example_inputs=data.example_inputs(2), out_dir=out, resume=args.resume,
+        device=args.device, progress=not args.quiet, model_spec=spec.to_json(), data_spec=data.name,
+        latency_batch_sizes=tuple(args.latency_batch_sizes), latency_backends=backends,
+    )
+    print()
+    print(result)
+    print(f"\noutputs in {out}/: report.json, steps.csv, recipe.json + weights.safetensors (tlc.load('{out}'))")
+    return 0
+
+
+# ============================================================================ demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from tlc.compress import compress
+    from tlc.methods.tlc import TLCConfig
+    from tlc.train import FitConfig
+
+    torch.manual_seed(0)
+    ns = argparse.Namespace(seed=0, num_classes=None, weights=None, device="cpu", batch_size=64)
+    model, spec, data = _demo_model(args.data, ns)
+    out = Path(args.out)
+    print(f"demo: {spec.spec} on {data.name} ({len(data.train)} training images), outputs in {out}/")
+    _pretrain(model, data, 30 if args.data == "digits" else 2, out, ns, args.quiet)
+    config = TLCConfig(max_acc_drop=1.0, finetune=FitConfig(epochs=3.0, lr=0.01, batch_size=64),
+                       calibration_size=256, max_steps=12)
+    result = compress(model, data.train, data.val, config=config, test_data=data.test, collate_fn=data.collate_fn,
+                      example_inputs=data.example_inputs(2), out_dir=out, resume=(out / "checkpoints").exists(),
+                      progress=not args.quiet, model_spec=spec.to_json(), data_spec=data.name,
+                      latency_batch_sizes=(1, 32))
+    print()
+    print(result)
+    print(f"\noutputs in {out}/ - `tlc report {out}` draws the plots, `tlc export {out} --onnx` writes model.onnx")
+    return 0
+
+
+def _demo_model(data_spec: str, ns: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from tlc.zoo.data import load_data
+    from tlc.zoo.models import build_model
+
+    data = load_data(data_spec, seed=0, image_size=16 if data_spec == "digits" else None)
+    model, spec = build_model("tlc:cifar_mobilenet_v2", num_classes=data.num_classes, in_channels=1,
+                              width_mult=0.5)
+    return model, spec, data
+
+
+# ============================================================================ report / export
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from tlc.compress import format_table
+    from tlc.errors import SpecError
+
+    path = Path(args.dir) / "report.json"
+    if not path.is_file():
+        raise SpecError(f"no report.json in {args.dir}: not the output of tlc compress")
+    report = json.loads(path.read_text())
+    print(format_table(report))
+    if not args.no_plots:
+        from tlc.io.plots import write_plots
+
+        for written in write_plots(report, Path(args.dir)):
+            print(f"wrote {written}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tlc.io.export import export_onnx
+    from tlc.io.recipe import RECIPE, build_inputs, load
+
+    folder = Path(args.dir)
+    model = load(folder)
+    import json
+
+    example = build_inputs(json.loads((folder / RECIPE).read_text())["example_inputs"])
+    target = Path(args.output) if args.output else folder / "model.onnx"
+    export_onnx(model, example, target)
+    print(f"wrote {target} (checked against PyTorch with ONNX Runtime)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

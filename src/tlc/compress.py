@@ -1,0 +1,476 @@
+"""The whole loop: rank -> collapse -> fine-tune -> evaluate, until the accuracy budget is spent.
+
+``tlc.compress(model, train_data, val_data)`` returns the most compressed model that stays within
+the budget, merged into its deploy form and verified, with every step recorded. With ``out_dir`` each
+step is checkpointed (atomically), so ``resume=True`` continues an interrupted run and ends with the
+same result as an uninterrupted one with the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from torch.utils.data import default_collate as _default_collate
+
+import tlc
+from tlc._inputs import ExampleInputs, to_device
+from tlc.errors import SpecError, TLCError
+from tlc.graph import trace
+from tlc.measure import compare, count_macs, count_params, depth
+from tlc.measure.latency import rebatch
+from tlc.methods.tlc import Selection, TLCConfig, select
+from tlc.surgery.linearize import linearize, restore
+from tlc.surgery.merge import merge
+from tlc.train import evaluate, fit
+from tlc.train.checkpoint import atomic_write_json, atomic_write_text, latest_complete, load_checkpoint, \
+    remove_checkpoint, save_checkpoint
+
+METHODS = ("tlc",)
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class StepRecord:
+    """One compression step: what was collapsed, what it cost, what it gave."""
+
+    step: int
+    sites: list[str]
+    removed_channels: int
+    linearized_channels: int
+    joint_gap: float
+    val_accuracy: float
+    val_loss: float
+    within_budget: bool
+    accepted: bool
+    activations: int
+    params: int
+    macs: int
+    depth: int
+    speedup: float
+    finetune_epochs: float
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class CompressionResult:
+    """What ``compress`` returns: the deploy form, the training form it came from, and the record."""
+
+    model: nn.Module
+    training_model: nn.Module
+    original: dict[str, Any]
+    compressed: dict[str, Any]
+    steps: list[StepRecord]
+    stop_reason: str
+    chosen_step: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return format_table(self.report)
+
+
+# ============================================================================ data helpers
+
+
+def _collate(collate_fn: Callable | None) -> Callable:
+    return collate_fn or _default_collate
+
+
+def _batch(data: Dataset, indices: Sequence[int], collate_fn: Callable | None) -> Any:
+    return _collate(collate_fn)([data[i] for i in indices])
+
+
+def example_batch(data: Dataset, collate_fn: Callable | None = None, size: int = 2) -> ExampleInputs:
+    """The inputs of the first ``size`` samples of ``data`` (used to trace and verify merges)."""
+    if len(data) == 0:
+        raise SpecError("the validation data is empty")
+    inputs, _ = _batch(data, range(min(size, len(data))), collate_fn)
+    return inputs
+
+
+def calibration_batches(data: Dataset, config: TLCConfig, collate_fn: Callable | None,
+                        device: torch.device) -> list[tuple[Any, torch.Tensor]]:
+    """A fixed, non-augmented calibration set: a seeded sample of the validation data, in batches."""
+    n = min(config.calibration_size, len(data))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))[:n].tolist()
+    size = config.calibration_batch_size
+    batches = []
+    for start in range(0, n, size):
+        inputs, labels = _batch(data, order[start:start + size], collate_fn)
+        batches.append((to_device(inputs, device), labels.to(device)))
+    return batches
+
+
+def _derive(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919) % (2**31 - 1)
+
+
+# ============================================================================ measurement
+
+
+def _structure(model: nn.Module, example: ExampleInputs) -> dict[str, int]:
+    one = rebatch(example, 1)
+    return {"params": count_params(model), "macs": count_macs(model, one), "depth": depth(model, one),
+            "activations": len(trace(model, one).sites)}
+
+
+def _speedup(original: nn.Module, deployed: nn.Module, example: ExampleInputs, repeats: int, device: str) -> float:
+    cmp = compare(original, deployed, example, batch_sizes=(1,), repeats=repeats, warmup=3, rounds=5, device=device)
+    return float(cmp.rows[0]["ratio"])
+
+
+def _channels(selection: Selection) -> tuple[int, int]:
+    removed = sum(int((m == 0).sum()) for m in selection.masks.values())
+    total = sum(int(m.numel()) for m in selection.masks.values())
+    return removed, total - removed
+
+
+# ============================================================================ checkpoints
+
+
+@dataclass
+class _State:
+    step: int = 0
+    record: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int = 0
+    best_record: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str = ""
+    fingerprint: str = ""
+
+
+def _fingerprint(config: TLCConfig, extra: dict[str, Any]) -> str:
+    return json.dumps({"config": asdict(config), **extra}, sort_keys=True, default=str)
+
+
+def _save_state(directory: Path, state: _State, model: nn.Module | None) -> None:
+    tensors = {k: v for k, v in model.state_dict().items()} if model is not None else {}
+    save_checkpoint(directory, f"{CHECKPOINT_PREFIX}{state.step:03d}", tensors=tensors, state=asdict(state))
+
+
+def _load_state(directory: Path, fingerprint: str) -> tuple[_State, dict[str, torch.Tensor]] | None:
+    name = latest_complete(directory, CHECKPOINT_PREFIX)
+    if name is None:
+        return None
+    tensors, raw, _ = load_checkpoint(directory, name)
+    state = _State(**raw)
+    if state.fingerprint != fingerprint:
+        raise SpecError(f"cannot resume from {directory}: it was started with other settings, model or data; "
+                        "use another --out directory or the same options")
+    return state, tensors
+
+
+def _step_weights(directory: Path, step: int) -> dict[str, torch.Tensor]:
+    tensors, _, _ = load_checkpoint(directory, f"{CHECKPOINT_PREFIX}{step:03d}")
+    return tensors
+
+
+# ============================================================================ the loop
+
+
+def compress(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    *,
+    method: str = "tlc",
+    preset: str = "default",
+    config: TLCConfig | None = None,
+    test_data: Dataset | None = None,
+    collate_fn: Callable | None = None,
+    example_inputs: ExampleInputs | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    model_spec: dict[str, Any] | None = None,
+    data_spec: str | None = None,
+    latency_batch_sizes: Sequence[int] = (1,),
+    latency_backends: Sequence[str] = ("eager",),
+    log: Callable[[str], None] | None = print,
+    **overrides: Any,
+) -> CompressionResult:
+    """Compress ``model`` (trained, classification) with ``method`` on the given data.
+
+    ``config`` (or ``preset="paper"``) sets the method; keyword ``overrides`` replace single settings
+    (``max_acc_drop=0.5``, ``max_steps=3``, ``finetune=FitConfig(...)``, ...). ``test_data``, when
+    given, is used only for the final before/after accuracy. ``model_spec``/``data_spec`` are recorded
+    so that :func:`tlc.load` can rebuild the model from the output directory.
+    """
+    if method not in METHODS:
+        raise SpecError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    config = config or (TLCConfig.paper() if preset == "paper" else TLCConfig())
+    config = dataclasses.replace(config, **overrides) if overrides else config
+    say = log or (lambda _msg: None)
+    dev = torch.device(device)
+    start = time.perf_counter()
+    original = copy.deepcopy(model).to(dev).eval()
+    example = to_device(example_inputs if example_inputs is not None else example_batch(val_data, collate_fn), dev)
+    calibration = calibration_batches(val_data, config, collate_fn, dev)
+    out = Path(out_dir) if out_dir is not None else None
+    checkpoints = out / "checkpoints" if out is not None else None
+    fingerprint = _fingerprint(config, {"model": model_spec, "data": data_spec, "val": len(val_data),
+                                        "train": len(train_data), "params": count_params(original)})
+
+    def run_eval(net: nn.Module, data: Dataset) -> dict[str, float]:
+        return evaluate(net, data, collate_fn=collate_fn, batch_size=256, device=dev)
+
+    state, lin = _start(original, example, checkpoints, resume, fingerprint, say)
+    if not state.baseline:
+        state.baseline = run_eval(original, val_data)
+        state.fingerprint = fingerprint
+        say(f"original: validation accuracy {100 * state.baseline['accuracy']:.2f}%")
+        if checkpoints is not None:
+            _save_state(checkpoints, state, None)
+    floor = state.baseline["accuracy"] - config.max_acc_drop / 100.0
+    original_structure = _structure(original, example)
+
+    while not state.stop_reason:
+        state.stop_reason = _stop_before_step(state, config, lin, example, original_structure)
+        if state.stop_reason:
+            break
+        step = state.step + 1
+        torch.manual_seed(_derive(config.seed, step))
+        graph = trace(lin, example)
+        selection = select(lin, graph, calibration, example, config)
+        record, candidate = _run_step(step, lin, selection, config, train_data, val_data, collate_fn, dev, original,
+                                      example, checkpoints, progress, run_eval, floor, say)
+        if not record.within_budget and config.retry_single and len(selection.sites) > 1 \
+                and record.note != "non-finite loss":
+            single = Selection(selection.sites[:1], {selection.sites[0]: selection.masks[selection.sites[0]]},
+                               selection.gaps, selection.savings, selection.gaps[selection.sites[0]], selection.order)
+            say(f"step {step}: over budget with {len(selection.sites)} sites, retrying with {single.sites[0]} alone")
+            record, candidate = _run_step(step, lin, single, config, train_data, val_data, collate_fn, dev, original,
+                                          example, checkpoints, progress, run_eval, floor, say)
+        stop = _stop_after_step(record, config)
+        record.accepted = record.within_budget or (config.continue_past_budget and record.note != "non-finite loss")
+        state.history.append(asdict(record))
+        if record.accepted:
+            lin = candidate
+            state.step = step
+            state.record = dict(lin._tlc_record)
+            if record.within_budget:
+                state.best_step, state.best_record = step, dict(lin._tlc_record)
+        state.stop_reason = stop or _stop_on_target(record, config, original_structure)
+        if checkpoints is not None:
+            if not record.accepted:
+                state.step = step  # the rejected step is recorded; its weights are not kept
+            _save_state(checkpoints, state, lin)
+        say(_step_line(record, state.baseline))
+
+    best = _best_training_form(original, lin, state, example, checkpoints)
+    if config.final_finetune_epochs > 0 and state.best_step > 0:
+        final = dataclasses.replace(config.finetune, epochs=config.final_finetune_epochs)
+        fit(best, train_data, final, collate_fn=collate_fn, device=dev, seed=_derive(config.seed, 10**6),
+            teacher=original if config.distill else None, distill=config.distill, progress=progress,
+            description="final fine-tune")
+    deployed = merge(best, example, policy=config.policy)
+    result = _finish(original, best, deployed, state, config, example, val_data, test_data, run_eval,
+                     latency_batch_sizes, latency_backends, device, start, model_spec, data_spec)
+    if out is not None:
+        write_outputs(out, result, example)
+    return result
+
+
+def _start(original: nn.Module, example: ExampleInputs, checkpoints: Path | None, resume: bool, fingerprint: str,
+           say: Callable[[str], None]) -> tuple[_State, nn.Module]:
+    if checkpoints is not None and not resume and latest_complete(checkpoints, CHECKPOINT_PREFIX) is not None:
+        raise SpecError(f"{checkpoints.parent} already holds a run; pass resume=True (--resume) to continue it, "
+                        "or choose another output directory")
+    loaded = _load_state(checkpoints, fingerprint) if (resume and checkpoints is not None) else None
+    if loaded is None:
+        if resume:
+            say("nothing to resume: starting a new run")
+        return _State(), original
+    state, tensors = loaded
+    say(f"resuming after step {state.step}")
+    if not state.record.get("sites"):
+        return state, original
+    lin = restore(original, state.record, example)
+    lin.load_state_dict(tensors)
+    return state, lin.eval()
+
+
+def _stop_before_step(state: _State, config: TLCConfig, lin: nn.Module, example: ExampleInputs,
+                      original: dict[str, int]) -> str:
+    if config.max_steps is not None and state.step >= config.max_steps:
+        return f"max_steps ({config.max_steps}) reached"
+    remaining = len(trace(lin, example).sites)
+    if remaining <= config.min_activations:
+        return "no activation left to collapse" if remaining == 0 else f"{remaining} activation(s) left"
+    return ""
+
+
+def _stop_after_step(record: StepRecord, config: TLCConfig) -> str:
+    if record.note == "non-finite loss":
+        return "non-finite loss during fine-tuning"
+    if config.stop_accuracy is not None and record.val_accuracy < config.stop_accuracy:
+        return f"validation accuracy below {100 * config.stop_accuracy:.0f}%"
+    if not record.within_budget and not config.continue_past_budget:
+        return "accuracy budget spent"
+    return ""
+
+
+def _stop_on_target(record: StepRecord, config: TLCConfig, original: dict[str, int]) -> str:
+    if not record.accepted:
+        return ""
+    if config.target_macs_ratio is not None and record.macs <= config.target_macs_ratio * original["macs"]:
+        return "target MACs ratio reached"
+    if config.target_speedup is not None and record.speedup >= config.target_speedup:
+        return "target speed-up reached"
+    return ""
+
+
+def _run_step(step: int, lin: nn.Module, selection: Selection, config: TLCConfig, train_data: Dataset,
+              val_data: Dataset, collate_fn: Callable | None, dev: torch.device, original: nn.Module,
+              example: ExampleInputs, checkpoints: Path | None, progress: bool,
+              run_eval: Callable[[nn.Module, Dataset], dict[str, float]], floor: float,
+              say: Callable[[str], None]) -> tuple[StepRecord, nn.Module]:
+    began = time.perf_counter()
+    say(f"step {step}: collapsing {', '.join(selection.sites)} (joint loss gap {selection.joint_gap:+.4f})")
+    candidate = linearize(lin, selection.sites, example, selection.masks, policy=config.policy).to(dev)
+    fit_dir = checkpoints / f"fit_{step:03d}" if checkpoints is not None else None
+    result = fit(candidate, train_data, config.finetune, collate_fn=collate_fn, device=dev,
+                 seed=_derive(config.seed, step), teacher=original if config.distill else None, distill=config.distill,
+                 checkpoint_dir=fit_dir, resume=fit_dir is not None, progress=progress,
+                 description=f"step {step} fine-tune")
+    candidate.eval()
+    metrics = run_eval(candidate, val_data)
+    deployed = merge(candidate, example, policy=config.policy)
+    structure = _structure(deployed, example)
+    removed, linearized = _channels(selection)
+    finite = result.stopped_reason is None
+    record = StepRecord(
+        step=step, sites=list(selection.sites), removed_channels=removed, linearized_channels=linearized,
+        joint_gap=float(selection.joint_gap), val_accuracy=float(metrics["accuracy"]), val_loss=float(metrics["loss"]),
+        within_budget=finite and metrics["accuracy"] >= floor - 1e-12, accepted=False,
+        activations=structure["activations"], params=structure["params"], macs=structure["macs"],
+        depth=structure["depth"], speedup=_speedup(original, deployed, example, config.latency_repeats, str(dev)),
+        finetune_epochs=float(result.epochs), seconds=time.perf_counter() - began,
+        note="" if finite else "non-finite loss",
+    )
+    if fit_dir is not None:
+        for name in [p.stem.split(".")[0] for p in fit_dir.glob("*.json")]:
+            remove_checkpoint(fit_dir, name)
+    return record, candidate
+
+
+def _best_training_form(original: nn.Module, lin: nn.Module, state: _State, example: ExampleInputs,
+                        checkpoints: Path | None) -> nn.Module:
+    if state.best_step == 0:
+        return original
+    if state.best_step == state.step and state.best_record == state.record:
+        return lin
+    if checkpoints is None:
+        raise TLCError("the best step is not the last one and no checkpoints were kept; pass out_dir")
+    best = restore(original, state.best_record, example)
+    best.load_state_dict(_step_weights(checkpoints, state.best_step))
+    return best.eval()
+
+
+def _step_line(record: StepRecord, baseline: dict[str, Any]) -> str:
+    verdict = "kept" if record.accepted else "rejected"
+    drop = 100 * (baseline["accuracy"] - record.val_accuracy)
+    return (f"step {record.step}: val {100 * record.val_accuracy:.2f}% (drop {drop:+.2f} pt), "
+            f"{record.activations} activations, depth {record.depth}, {record.macs / 1e6:.1f}M MACs, "
+            f"speed-up x{record.speedup:.2f} [{verdict}]")
+
+
+# ============================================================================ result and outputs
+
+
+def _finish(original: nn.Module, best: nn.Module, deployed: nn.Module, state: _State, config: TLCConfig,
+            example: ExampleInputs, val_data: Dataset, test_data: Dataset | None,
+            run_eval: Callable[[nn.Module, Dataset], dict[str, float]], batch_sizes: Sequence[int],
+            backends: Sequence[str], device: str, start: float, model_spec: dict[str, Any] | None,
+            data_spec: str | None) -> CompressionResult:
+    before = {**_structure(original, example), "val_accuracy": state.baseline["accuracy"]}
+    after = {**_structure(deployed, example), "val_accuracy": run_eval(deployed, val_data)["accuracy"]}
+    if test_data is not None:
+        before["test_accuracy"] = run_eval(original, test_data)["accuracy"]
+        after["test_accuracy"] = run_eval(deployed, test_data)["accuracy"]
+    comparison = compare(original, deployed, example, batch_sizes=tuple(batch_sizes), backends=tuple(backends),
+                         device=device, labels=("original", "compressed"))
+    steps = [StepRecord(**h) for h in state.history]
+    record = dict(getattr(deployed, "_tlc_record", {}) or {})
+    record.update(model=model_spec, data=data_spec)
+    deployed._tlc_record = record
+    report = {
+        "tlc_version": tlc.__version__,
+        "method": "tlc", "preset": config.preset, "config": asdict(config),
+        "model": model_spec, "data": data_spec, "device": device, "threads": torch.get_num_threads(),
+        "original": before, "compressed": after,
+        "latency": comparison.to_dict(),
+        "steps": [asdict(s) for s in steps],
+        "chosen_step": state.best_step, "stop_reason": state.stop_reason,
+        "sites_collapsed": record.get("sites", []),
+        "finetune_epochs_total": sum(s.finetune_epochs for s in steps) + config.final_finetune_epochs,
+        "merge": [asdict(r) for r in deployed.tlc_report.records],
+        "wall_time_s": time.perf_counter() - start,
+    }
+    return CompressionResult(deployed, best, before, after, steps, state.stop_reason, state.best_step, report)
+
+
+def write_outputs(out: Path, result: CompressionResult, example: ExampleInputs) -> None:
+    """report.json, steps.csv, recipe.json + weights.safetensors (the deploy form) in ``out``."""
+    from tlc.io.recipe import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    save(result.model, out, example_inputs=example)
+    atomic_write_json(out / "report.json", result.report)
+    fields = [f.name for f in dataclasses.fields(StepRecord)]
+    lines = [",".join(fields)]
+    for s in result.steps:
+        row = asdict(s)
+        row["sites"] = " ".join(row["sites"])
+        lines.append(",".join(_csv(row[f]) for f in fields))
+    atomic_write_text(out / "steps.csv", "\n".join(lines) + "\n")
+
+
+def _csv(value: Any) -> str:
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    return f'"{text}"' if ("," in text or " " in text) else text
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The before/after table of a report (what ``tlc demo`` and ``tlc report`` print)."""
+    before, after = report["original"], report["compressed"]
+    rows = []
+    for key, label in (("val_accuracy", "val accuracy"), ("test_accuracy", "test accuracy")):
+        if key in before:
+            rows.append((label, f"{100 * before[key]:.2f}%", f"{100 * after[key]:.2f}%",
+                         f"{100 * (after[key] - before[key]):+.2f} pt"))
+    for key, label in (("activations", "activations"), ("depth", "depth")):
+        rows.append((label, str(before[key]), str(after[key]), f"{after[key] - before[key]:+d}"))
+    for key, label in (("params", "params"), ("macs", "MACs (batch 1)")):
+        rows.append((label, _si(before[key]), _si(after[key]), f"x{before[key] / max(after[key], 1):.2f} smaller"))
+    for row in report["latency"]["rows"]:
+        rows.append((f"latency {row['backend']} b{row['batch_size']}", f"{row['median_a_ms']:.2f} ms",
+                     f"{row['median_b_ms']:.2f} ms", f"x{row['ratio']:.2f} faster"))
+    width = [max(len(r[i]) for r in rows + [("", "original", "compressed", "change")]) for i in range(4)]
+    lines = [f"{'':{width[0]}}  {'original':>{width[1]}}  {'compressed':>{width[2]}}  {'change':>{width[3]}}"]
+    lines += [f"{a:{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}  {d:>{width[3]}}" for a, b, c, d in rows]
+    lines.append(f"steps: {len(report['steps'])}, chosen: {report['chosen_step']}, stop: {report['stop_reason']}, "
+                 f"fine-tuning: {report['finetune_epochs_total']:.1f} epochs, wall time {report['wall_time_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+__all__ = ["CompressionResult", "StepRecord", "compress", "example_batch", "format_table", "write_outputs"]

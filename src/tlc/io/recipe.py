@@ -1,0 +1,135 @@
+"""Save and load compressed models without pickle: a JSON recipe plus safetensors weights.
+
+The recipe says which architecture was built (a model spec), what was done to it (sites, masks,
+padding moves, merge policy) and what inputs it was traced with. Loading rebuilds the architecture,
+replays the recipe, and loads the weights strictly, so a model that does not match is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from tlc._inputs import ExampleInputs
+from tlc.errors import SpecError
+from tlc.surgery.linearize import restore
+from tlc.surgery.merge import merge
+from tlc.train.checkpoint import atomic_write_json
+
+FORMAT = "tlc-recipe"
+VERSION = 1
+RECIPE = "recipe.json"
+WEIGHTS = "weights.safetensors"
+
+
+def describe_inputs(example: ExampleInputs) -> dict[str, Any]:
+    """JSON description of example inputs: shapes and dtypes; integer tensors (token ids) by value."""
+    if isinstance(example, torch.Tensor):
+        desc: dict[str, Any] = {"shape": list(example.shape), "dtype": str(example.dtype).removeprefix("torch.")}
+        if not example.is_floating_point():
+            desc["values"] = example.detach().cpu().reshape(-1).tolist()
+        return {"tensor": desc}
+    if isinstance(example, dict):
+        return {"dict": {k: describe_inputs(v) for k, v in example.items()}}
+    if isinstance(example, list | tuple):
+        return {"tuple": [describe_inputs(v) for v in example]}
+    raise SpecError(f"cannot describe example inputs of type {type(example).__name__}")
+
+
+def build_inputs(desc: dict[str, Any], seed: int = 0) -> ExampleInputs:
+    """Example inputs matching a description (random floats, recorded integers)."""
+    if "tensor" in desc:
+        t = desc["tensor"]
+        dtype = getattr(torch, t["dtype"])
+        if "values" in t:
+            return torch.tensor(t["values"], dtype=dtype).reshape(t["shape"])
+        return torch.randn(*t["shape"], generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if "dict" in desc:
+        return {k: build_inputs(v, seed) for k, v in desc["dict"].items()}
+    return tuple(build_inputs(v, seed) for v in desc["tuple"])
+
+
+def _form(model: nn.Module) -> str:
+    if isinstance(model, fx.GraphModule) and hasattr(model, "tlc_report"):
+        return "deploy"
+    return "training" if getattr(model, "_tlc_record", None) else "original"
+
+
+def save(model: nn.Module, directory: str | Path, *, example_inputs: ExampleInputs,
+         model_spec: dict[str, Any] | None = None) -> Path:
+    """Write ``recipe.json`` and ``weights.safetensors`` for a deploy form, training form or plain model.
+
+    ``model_spec`` (``tlc.zoo.models.ModelSpec.to_json()``) tells :func:`load` how to build the
+    architecture; without it (and without one recorded by ``compress``) ``load`` needs ``model=``.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    record = copy.deepcopy(dict(getattr(model, "_tlc_record", {}) or {}))
+    spec = model_spec if model_spec is not None else record.pop("model", None)
+    record.pop("data", None)
+    weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(weights, str(tmp), metadata={"format": FORMAT})
+    tmp.replace(out / WEIGHTS)
+    atomic_write_json(out / RECIPE, {
+        "format": FORMAT, "version": VERSION, "form": _form(model), "model": spec, "record": record,
+        "example_inputs": describe_inputs(example_inputs), "weights": WEIGHTS,
+    })
+    return out
+
+
+def load(directory: str | Path, *, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save` (or by ``tlc compress``): no pickle involved.
+
+    ``model`` is a freshly built instance of the original architecture, needed when the recipe holds
+    no model spec (a model of your own).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(directory)
+    recipe = _read_recipe(folder)
+    if model is None:
+        if not recipe.get("model"):
+            raise SpecError(f"{folder / RECIPE} names no model spec: pass model=<a new instance of the architecture>")
+        from tlc.zoo.models import ModelSpec
+
+        original = ModelSpec.from_json(recipe["model"]).build()
+    else:
+        original = copy.deepcopy(model)
+    original.eval()
+    example = build_inputs(recipe["example_inputs"])
+    record = recipe.get("record") or {}
+    rebuilt = restore(original, record, example) if record.get("sites") else original
+    if recipe["form"] == "deploy":
+        rebuilt = merge(rebuilt, example, policy=record.get("policy"))
+    weights = load_file(str(folder / recipe.get("weights", WEIGHTS)))
+    missing, unexpected = rebuilt.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise SpecError(f"{folder} does not match the rebuilt model: {len(missing)} missing and {len(unexpected)} "
+                        f"unexpected weights (e.g. {', '.join((missing + unexpected)[:3])})")
+    rebuilt._tlc_record = dict(record, model=recipe.get("model"))
+    return rebuilt.to(device).eval()
+
+
+def _read_recipe(folder: Path) -> dict[str, Any]:
+    path = folder / RECIPE
+    if not path.is_file():
+        raise SpecError(f"no {RECIPE} in {folder}: not a tlc output directory")
+    try:
+        recipe = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if recipe.get("format") != FORMAT:
+        raise SpecError(f"{path} is not a tlc recipe")
+    if recipe.get("version", 0) > VERSION:
+        raise SpecError(f"{path} was written by a newer tlc (recipe version {recipe['version']})")
+    if not (folder / recipe.get("weights", WEIGHTS)).is_file():
+        raise SpecError(f"{folder} holds no {recipe.get('weights', WEIGHTS)}")
+    return recipe
