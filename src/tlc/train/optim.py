@@ -1,0 +1,50 @@
+"""Optimizer and learning-rate schedule of a fine-tuning run.
+
+The schedule is a pure function of the optimizer step, so a resumed run follows the same learning rates
+as an uninterrupted one. With ``T`` steps in the run and ``W`` warmup steps, step ``s`` (0-based) uses
+``lr * min(1, (s + 1) / W) * main(s / T)``, where ``main`` is 1 ("constant"), ``(1 + cos(pi p)) / 2``
+("cosine") or ``gamma ** (number of milestones <= p)`` ("step").
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import TYPE_CHECKING
+
+from torch import nn
+from torch.optim import SGD, AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from tlc.errors import SpecError
+
+if TYPE_CHECKING:
+    from tlc.train.loop import FitConfig
+
+
+def build_optimizer(model: nn.Module, config: FitConfig) -> Optimizer:
+    """SGD (with momentum) or AdamW over the parameters that require grad; frozen ones are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise SpecError("the model has no parameter that requires grad: there is nothing to fine-tune")
+    if config.optimizer == "sgd":
+        return SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, config: FitConfig) -> float:
+    """The multiplier of the base learning rate at optimizer step `step` (0-based) of `total_steps`."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    progress = step / total_steps
+    if config.schedule == "cosine":
+        main = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif config.schedule == "step":
+        main = config.gamma ** sum(progress >= m for m in config.milestones)
+    else:
+        main = 1.0
+    return warmup * main
+
+
+def build_scheduler(optimizer: Optimizer, config: FitConfig, total_steps: int) -> LambdaLR:
+    """A per-step scheduler applying `lr_factor` (call ``step()`` after every optimizer step)."""
+    return LambdaLR(optimizer, partial(lr_factor, total_steps=total_steps, config=config))
