@@ -27,13 +27,20 @@ from tlc._inputs import ExampleInputs, to_device
 from tlc.errors import SpecError, TLCError
 from tlc.graph import trace
 from tlc.measure import compare, count_macs, count_params, depth
+from tlc.measure.compare import si
 from tlc.measure.latency import rebatch
 from tlc.methods.tlc import Selection, TLCConfig, select
 from tlc.surgery.linearize import linearize, restore
 from tlc.surgery.merge import merge
 from tlc.train import evaluate, fit
-from tlc.train.checkpoint import atomic_write_json, atomic_write_text, latest_complete, load_checkpoint, \
-    remove_checkpoint, save_checkpoint
+from tlc.train.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    latest_complete,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
 
 METHODS = ("tlc",)
 CHECKPOINT_PREFIX = "step_"
@@ -246,11 +253,10 @@ def compress(
         selection = select(lin, graph, calibration, example, config)
         record, candidate = _run_step(step, lin, selection, config, train_data, val_data, collate_fn, dev, original,
                                       example, checkpoints, progress, run_eval, floor, say)
-        if not record.within_budget and config.retry_single and len(selection.sites) > 1 \
-                and record.note != "non-finite loss":
-            single = Selection(selection.sites[:1], {selection.sites[0]: selection.masks[selection.sites[0]]},
-                               selection.gaps, selection.savings, selection.gaps[selection.sites[0]], selection.order)
-            say(f"step {step}: over budget with {len(selection.sites)} sites, retrying with {single.sites[0]} alone")
+        if not record.within_budget and config.retry_single and len(selection.first_unit().sites) < \
+                len(selection.sites) and record.note != "non-finite loss":
+            single = selection.first_unit()
+            say(f"step {step}: over budget with {len(selection.sites)} sites, retrying with {' + '.join(single.sites)}")
             record, candidate = _run_step(step, lin, single, config, train_data, val_data, collate_fn, dev, original,
                                           example, checkpoints, progress, run_eval, floor, say)
         stop = _stop_after_step(record, config)
@@ -454,23 +460,16 @@ def format_table(report: dict[str, Any]) -> str:
     for key, label in (("activations", "activations"), ("depth", "depth")):
         rows.append((label, str(before[key]), str(after[key]), f"{after[key] - before[key]:+d}"))
     for key, label in (("params", "params"), ("macs", "MACs (batch 1)")):
-        rows.append((label, _si(before[key]), _si(after[key]), f"x{before[key] / max(after[key], 1):.2f} smaller"))
+        rows.append((label, si(before[key]), si(after[key]), f"x{before[key] / max(after[key], 1):.2f} smaller"))
     for row in report["latency"]["rows"]:
-        rows.append((f"latency {row['backend']} b{row['batch_size']}", f"{row['median_a_ms']:.2f} ms",
-                     f"{row['median_b_ms']:.2f} ms", f"x{row['ratio']:.2f} faster"))
+        rows.append((f"latency {row['backend']} b{row['batch_size']}", f"{row['a_median_ms']:.2f} ms",
+                     f"{row['b_median_ms']:.2f} ms", f"x{row['ratio']:.2f} faster"))
     width = [max(len(r[i]) for r in rows + [("", "original", "compressed", "change")]) for i in range(4)]
     lines = [f"{'':{width[0]}}  {'original':>{width[1]}}  {'compressed':>{width[2]}}  {'change':>{width[3]}}"]
     lines += [f"{a:{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}  {d:>{width[3]}}" for a, b, c, d in rows]
     lines.append(f"steps: {len(report['steps'])}, chosen: {report['chosen_step']}, stop: {report['stop_reason']}, "
                  f"fine-tuning: {report['finetune_epochs_total']:.1f} epochs, wall time {report['wall_time_s']:.0f} s")
     return "\n".join(lines)
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
 
 
 __all__ = ["CompressionResult", "StepRecord", "compress", "example_batch", "format_table", "write_outputs"]

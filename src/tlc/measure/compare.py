@@ -68,8 +68,8 @@ class Comparison:
         width = max(len(a), len(b), len("ratio a/b"))
         lines = [
             f"{'':{width}}  {'params':>10}  {f'MACs (batch {self.example_batch_size})':>18}",
-            f"{a:{width}}  {_si(self.params[0]):>10}  {_si(self.macs[0]):>18}",
-            f"{b:{width}}  {_si(self.params[1]):>10}  {_si(self.macs[1]):>18}",
+            f"{a:{width}}  {si(self.params[0]):>10}  {si(self.macs[0]):>18}",
+            f"{b:{width}}  {si(self.params[1]):>10}  {si(self.macs[1]):>18}",
             f"{'ratio a/b':{width}}  {self.params_ratio:>10.3f}  {self.macs_ratio:>18.3f}",
             "",
             f"{'backend':<12} {'batch':>5} {a + ' ms':>12} {b + ' ms':>12} {'a/b':>7}  {'IQR':<17} rounds",
@@ -86,7 +86,7 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _si(n: float) -> str:
+def si(n: float) -> str:
     """Number with a k/M/G suffix, three significant digits."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= scale:

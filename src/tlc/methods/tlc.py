@@ -8,7 +8,7 @@ multi-site rule then takes as many of the best candidates as the joint gap allow
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -89,6 +89,22 @@ class Selection:
     savings: dict[str, float]
     joint_gap: float
     order: list[str]
+    units: list[tuple[str, ...]] = field(default_factory=list)
+
+    def first_unit(self) -> Selection:
+        """The same selection cut down to its best unit (one site, or a pair that only pays together)."""
+        unit = list(self.units[0]) if self.units else self.sites[:1]
+        return Selection(unit, {n: self.masks[n] for n in unit}, self.gaps, self.savings,
+                         self.joint_gap if unit == self.sites else float("nan"), self.order, [tuple(unit)])
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Sites collapsed together as one candidate, with the MACs fraction it saves and its loss gap."""
+
+    sites: tuple[str, ...]
+    saving: float
+    gap: float
 
 
 def site_masks(graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -99,10 +115,10 @@ def site_masks(graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]]) ->
 
 
 def collapse_savings(model: nn.Module, graph: Graph, masks: dict[str, torch.Tensor], example_inputs: ExampleInputs,
-                     policy: str) -> dict[str, float]:
-    """MACs each site's collapse saves once merged: the larger of its saving now and its share of the
-    saving of collapsing every site (which credits sites that only pay together, like the two
-    activations of an inverted residual)."""
+                     policy: str) -> dict[tuple[str, ...], float]:
+    """Fraction of the current (planned) deploy MACs that collapsing each site saves once merged, and
+    each pair of adjacent sites whose joint collapse saves more than the two alone (the two
+    activations of an inverted residual only pay together)."""
     names = [s.name for s in graph.sites]
     everything = trace(linearize(model, names, example_inputs, masks, exact=False, policy=policy), example_inputs)
     gates = gate_nodes(everything)
@@ -113,26 +129,62 @@ def collapse_savings(model: nn.Module, graph: Graph, masks: dict[str, torch.Tens
         planner = Planner(everything, policy, movable=active, barriers=barriers)
         return planner.total_cost(planner.plan()).macs
 
-    now, full = cost(set()), cost(set(names))
+    now = cost(set())
     scale = max(now, 1)
-    return {n: max(now - cost({n}), cost(set(names) - {n}) - full, 0) / scale for n in names}
+    savings: dict[tuple[str, ...], float] = {(n,): max(now - cost({n}), 0) / scale for n in names}
+    for a, b in adjacent_sites(graph):
+        pair = max(now - cost({a, b}), 0) / scale
+        if pair > savings[(a,)] + savings[(b,)] + 1e-12:
+            savings[(a, b)] = pair
+    return savings
 
 
-def order_candidates(gaps: dict[str, float], savings: dict[str, float] | None, tolerance: float) -> list[str]:
+def adjacent_sites(graph: Graph) -> list[tuple[str, str]]:
+    """Pairs of sites separated by one linear segment (the output of one feeds it, the other reads it)."""
+    segment_of = {name: seg.index for seg in graph.segments for name in seg.nodes}
+    before: dict[str, int | None] = {}
+    after: dict[str, set[int]] = {}
+    for site in graph.sites:
+        node = graph.site_node(site)
+        before[site.name] = segment_of.get(graph.info[node].input.name)
+        after[site.name] = {segment_of[u.name] for u in node.users if u.name in segment_of}
+    pairs = []
+    for a in graph.sites:
+        for b in graph.sites:
+            if a.name < b.name and (before[b.name] in after[a.name] or before[a.name] in after[b.name]):
+                pairs.append((a.name, b.name))
+    return pairs
+
+
+def order_units(units: list[Unit], latency_aware: bool, tolerance: float) -> list[Unit]:
     """Best first: by gap, or (latency-aware) by MACs saved per unit of loss gap."""
-    if savings is None:
-        return sorted(gaps, key=lambda n: (gaps[n], n))
+    if not latency_aware:
+        return sorted(units, key=lambda u: (u.gap, u.sites))
     eps = max(tolerance * 0.1, 1e-6)
-    return sorted(gaps, key=lambda n: (-savings.get(n, 0.0) / (max(gaps[n], 0.0) + eps), gaps[n], n))
+    return sorted(units, key=lambda u: (-u.saving / (max(u.gap, 0.0) + eps), u.gap, u.sites))
 
 
-def official_count(order: list[str], gaps: dict[str, float], joint: list[float]) -> int:
-    """The published rule: when some gap is negative, grow k = 2, 3, ... and stop at the first k whose
-    joint gap turns positive, keeping that k (its off-by-one); otherwise one site."""
+def _prefixes(order: list[Unit], max_sites: int) -> list[list[str]]:
+    """Growing site sets taken from the ordered units (overlapping units skipped)."""
+    chosen: list[str] = []
+    prefixes = []
+    for unit in order:
+        if any(s in chosen for s in unit.sites):
+            continue
+        if prefixes and len(chosen) + len(unit.sites) > max_sites:
+            break
+        chosen = chosen + list(unit.sites)
+        prefixes.append(chosen)
+    return prefixes
+
+
+def official_count(order: list[str], gaps: dict[str, float], joint_gap: Callable[[list[str]], float]) -> int:
+    """The published rule: when the best gap is negative, grow k = 2, 3, ... and stop at the first k
+    whose joint gap turns positive, keeping that k (its off-by-one); otherwise one site."""
     if gaps[order[0]] >= 0 or len(order) == 1:
         return 1
     for k in range(2, len(order) + 1):
-        if joint[k - 1] > 0:
+        if joint_gap(order[:k]) > 0:
             return k
     return len(order)
 
@@ -149,13 +201,28 @@ def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torc
     masks = site_masks(graph, calibration)
     ranking = LossGaps(graph, calibration)
     gaps = ranking.single_gaps(masks)
-    savings = collapse_savings(model, graph, masks, example_inputs, config.policy) if config.latency_aware else None
-    order = order_candidates(gaps, savings, config.gap_tolerance)
-    depth = min(len(order), config.max_sites_per_step)
-    joint = [gaps[order[0]]] + ranking.gaps([{n: masks[n] for n in order[:k]} for k in range(2, depth + 1)])
+
+    def joint_gaps(site_sets: list[list[str]]) -> list[float]:
+        return ranking.gaps([{n: masks[n] for n in sites} for sites in site_sets])
+
+    savings: dict[tuple[str, ...], float] = {}
+    units = [Unit((n,), 0.0, g) for n, g in gaps.items()]
+    if config.latency_aware:
+        savings = collapse_savings(model, graph, masks, example_inputs, config.policy)
+        pairs = [u for u in savings if len(u) > 1]
+        units = [Unit((n,), savings[(n,)], g) for n, g in gaps.items()]
+        units += [Unit(p, savings[p], g) for p, g in zip(pairs, joint_gaps([list(p) for p in pairs]))]
+    order = order_units(units, config.latency_aware, config.gap_tolerance)
     if config.multi_site_rule == "official":
-        k = official_count(order[:depth], gaps, joint)
+        names = [u.sites[0] for u in order]
+        k = official_count(names, gaps, lambda sites: joint_gaps([sites])[0])
+        chosen = names[:k]
+        joint = gaps[chosen[0]] if k == 1 else joint_gaps([chosen])[0]
     else:
-        k = tolerance_count(joint, config.gap_tolerance)
-    chosen = order[:k]
-    return Selection(chosen, {n: masks[n] for n in chosen}, gaps, savings or {}, joint[k - 1], order)
+        prefixes = _prefixes(order, config.max_sites_per_step)
+        joint_list = [order[0].gap] + joint_gaps(prefixes[1:])
+        k = tolerance_count(joint_list, config.gap_tolerance)
+        chosen, joint = prefixes[k - 1], joint_list[k - 1]
+    units_chosen = [u.sites for u in order if set(u.sites) <= set(chosen)]
+    return Selection(chosen, {n: masks[n] for n in chosen}, gaps, {"+".join(u): v for u, v in savings.items()},
+                     joint, [n for u in order for n in u.sites if len(u.sites) == 1], units_chosen)

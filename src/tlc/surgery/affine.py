@@ -126,12 +126,22 @@ def apply_conv(m: Map, weight: torch.Tensor, bias: torch.Tensor | None, stride: 
     )
 
 
-def apply_affine(m: Map, scale: torch.Tensor, shift: torch.Tensor | None, *, numeric: bool) -> Map:
-    """The map of ``scale * x + shift`` per channel (batch norm, channel gate, layer scale)."""
+def zero_channels(t: torch.Tensor) -> frozenset[int]:
+    """Indices where a per-channel tensor is exactly zero."""
+    return frozenset(torch.nonzero(t.detach().reshape(-1) == 0).flatten().tolist())
+
+
+def apply_affine(m: Map, scale: torch.Tensor, shift: torch.Tensor | None, *, numeric: bool,
+                 scale_zeros: frozenset[int] | None = None, shift_zeros: frozenset[int] | None = None) -> Map:
+    """The map of ``scale * x + shift`` per channel (batch norm, channel gate, layer scale).
+
+    ``scale_zeros``/``shift_zeros`` are the zero channels of scale and shift, if already known."""
     if scale.numel() != m.out_channels:
         raise Infeasible(f"per-channel op has {scale.numel()} channels, its input {m.out_channels}")
-    zeros = frozenset(int(i) for i in torch.nonzero(scale == 0).flatten().tolist())
-    zero_out = frozenset(i for i in m.zero_out | zeros if shift is None or float(shift[i]) == 0.0)
+    zeros = scale_zeros if scale_zeros is not None else zero_channels(scale)
+    zero_out = m.zero_out | zeros
+    if shift is not None:
+        zero_out = zero_out & (shift_zeros if shift_zeros is not None else zero_channels(shift))
     w = b = None
     if numeric:
         w, b = compose.scale_output_channels(m.weight, m.bias, _f64(scale), _f64(shift))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import fx
@@ -100,6 +101,7 @@ class Planner:
         self.dominators = self._dominators()
         self.shared = self._shared_owners()
         self._solutions: dict[tuple[fx.Node, fx.Node], _Solution | None] = {}
+        self._too_big: dict[tuple[fx.Node, fx.Node], bool] = {}
         self._groups: dict[tuple[fx.Node, fx.Node], tuple[Cost, tuple[fx.Node, ...], dict, Map] | None] = {}
 
     # ------------------------------------------------------------------ graph facts
@@ -117,8 +119,7 @@ class Planner:
                 if info.kind is Kind.IDENTITY:
                     z = inputs[0]
                 elif info.kind is Kind.SCALE:
-                    scale = info.params["scale"]
-                    z = inputs[0] | frozenset(int(i) for i in (scale == 0).nonzero().flatten().tolist())
+                    z = inputs[0] | _zeros_of(info, "scale")
                 elif info.kind is Kind.ADD:
                     z = inputs[0] & inputs[1]
                 elif info.kind is Kind.CONV:
@@ -291,11 +292,13 @@ class Planner:
             if previous is not None:
                 piece = self._unmerged_piece(spine[j - 1], spine[j])
                 options.append(_Solution(previous.cost + piece.cost, previous.steps + piece.steps))
-            for i in range(j):
-                if best[i] is None:
-                    continue
+            for i in range(j - 1, -1, -1):
                 group = self.group(spine[i], spine[j])
-                if group is not None:
+                if group is None:
+                    if self._too_big.get((spine[i], spine[j])):
+                        break  # longer groups only grow
+                    continue
+                if best[i] is not None:
                     options.append(_Solution(best[i].cost + group[0], best[i].steps + [("merged", spine[i], spine[j])]))
             if options:
                 best[j] = min(options, key=lambda s: s.cost.key(self.policy))
@@ -369,6 +372,7 @@ class Planner:
             return None
         final = maps[end]
         if final.weight_ops > 1 and final.weight_numel > self.max_weight_numel:
+            self._too_big[(start, end)] = True
             return None
         if final.identity:
             cost = Cost(changes=1)
@@ -434,9 +438,11 @@ def evaluate(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...], *, nume
             m = affine.apply_conv(maps[info.input], p["weight"], p["bias"], (), (), (), 1, numeric=numeric,
                                   strict=strict)
         elif info.kind is Kind.BN:
-            m = affine.apply_affine(maps[info.input], p["scale"], p["shift"], numeric=numeric)
+            m = affine.apply_affine(maps[info.input], p["scale"], p["shift"], numeric=numeric,
+                                    scale_zeros=_zeros_of(info, "scale"), shift_zeros=_zeros_of(info, "shift"))
         elif info.kind is Kind.SCALE:
-            m = affine.apply_affine(maps[info.input], p["scale"], None, numeric=numeric)
+            m = affine.apply_affine(maps[info.input], p["scale"], None, numeric=numeric,
+                                    scale_zeros=_zeros_of(info, "scale"))
         elif info.kind is Kind.IDENTITY:
             m = maps[info.input]
         elif info.kind is Kind.ADD:
@@ -450,6 +456,14 @@ def evaluate(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...], *, nume
             raise Infeasible(f"{n.name}: channel count mismatch")
         maps[n] = m
     return maps
+
+
+def _zeros_of(info: Any, key: str) -> frozenset[int]:
+    """Zero channels of a per-channel op's parameter, computed once per op."""
+    cache = info.params.setdefault("_zeros", {})
+    if key not in cache:
+        cache[key] = affine.zero_channels(info.params[key])
+    return cache[key]
 
 
 def exit_map(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...]) -> Map:
