@@ -217,8 +217,8 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"demo: {spec.spec} on {data.name} ({len(data.train)} training images), outputs in {out}/")
     _pretrain(model, data, 30 if args.data == "digits" else 2, out, ns, args.quiet)
-    config = TLCConfig(max_acc_drop=1.0, finetune=FitConfig(epochs=3.0, lr=0.01, batch_size=64),
-                       calibration_size=256, max_steps=12)
+    config = TLCConfig(max_acc_drop=1.0, finetune=FitConfig(epochs=2.0, lr=0.01, batch_size=64),
+                       calibration_size=270, max_steps=10)
     result = compress(model, data.train, data.val, config=config, test_data=data.test, collate_fn=data.collate_fn,
                       example_inputs=data.example_inputs(2), out_dir=out, resume=(out / "checkpoints").exists(),
                       progress=not args.quiet, model_spec=spec.to_json(), data_spec=data.name,

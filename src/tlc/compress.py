@@ -250,7 +250,7 @@ def compress(
         step = state.step + 1
         torch.manual_seed(_derive(config.seed, step))
         graph = trace(lin, example)
-        selection = select(lin, graph, calibration, example, config)
+        selection = select(lin, graph, calibration, example, config, progress=progress)
         record, candidate = _run_step(step, lin, selection, config, train_data, val_data, collate_fn, dev, original,
                                       example, checkpoints, progress, run_eval, floor, say)
         if not record.within_budget and config.retry_single and len(selection.first_unit().sites) < \
@@ -423,9 +423,34 @@ def _finish(original: nn.Module, best: nn.Module, deployed: nn.Module, state: _S
         "sites_collapsed": record.get("sites", []),
         "finetune_epochs_total": sum(s.finetune_epochs for s in steps) + config.final_finetune_epochs,
         "merge": [asdict(r) for r in deployed.tlc_report.records],
+        "network": network_map(original, deployed, example),
         "wall_time_s": time.perf_counter() - start,
     }
     return CompressionResult(deployed, best, before, after, steps, state.stop_reason, state.best_step, report)
+
+
+def network_map(original: nn.Module, deployed: nn.Module, example: ExampleInputs) -> list[dict[str, Any]]:
+    """The original network in execution order (weight layers and activation sites), each with what
+    became of it: a site is "kept" or "collapsed"; a layer names the deploy-form layer it went into."""
+    from tlc.ops import Kind
+
+    graph = trace(original, rebatch(example, 1))
+    kept = {s.name for s in trace(deployed, rebatch(example, 1)).sites}
+    into: dict[str, str] = {}
+    for record in deployed.tlc_report.records:
+        for op in record.replaces:
+            into[op[op.index("(") + 1:-1]] = record.name
+    site_of = {s.node: s.name for s in graph.sites}
+    entries = []
+    for node in graph.nodes:
+        info = graph.info[node]
+        if info.kind is Kind.SITE:
+            name = site_of[node.name]
+            entries.append({"kind": "site", "name": name, "status": "kept" if name in kept else "collapsed"})
+        elif info.kind in (Kind.CONV, Kind.LINEAR):
+            owner = info.owner or node.name
+            entries.append({"kind": info.kind.value, "name": owner, "into": into.get(owner, owner)})
+    return entries
 
 
 def write_outputs(out: Path, result: CompressionResult, example: ExampleInputs) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from tlc.criteria.runner import GraphRunner, logits_of
 from tlc.graph import Graph
@@ -36,7 +37,8 @@ def _gate(mask: torch.Tensor | None, channel_dim: int) -> Callable[[torch.Tensor
 class LossGaps:
     """Measures loss gaps of collapsing sites of ``graph`` on ``batches`` of (inputs, labels)."""
 
-    def __init__(self, graph: Graph, batches: Sequence[tuple[Any, torch.Tensor]], loss_fn: LossFn | None = None):
+    def __init__(self, graph: Graph, batches: Sequence[tuple[Any, torch.Tensor]], loss_fn: LossFn | None = None,
+                 progress: bool = False):
         if not batches:
             raise ValueError("loss gaps need at least one calibration batch")
         self.graph = graph
@@ -44,6 +46,7 @@ class LossGaps:
         self.loss_fn = loss_fn or (lambda logits, labels: F.cross_entropy(logits.float(), labels, reduction="sum"))
         self.runner = GraphRunner(graph)
         self._base: float | None = None
+        self.progress = progress
 
     def _replacements(self, collapse: Collapse) -> dict:
         replace = {}
@@ -57,7 +60,9 @@ class LossGaps:
         replacements = [self._replacements(c) for c in collapses]
         totals = [0.0] * len(collapses)
         base_total, samples = 0.0, 0
-        for inputs, labels in self.batches:
+        batches = tqdm(self.batches, desc=f"ranking {len(collapses)} candidates", leave=False,
+                       disable=not self.progress or not collapses)
+        for inputs, labels in batches:
             out, env = self.runner.run(inputs)
             base_total += float(self.loss_fn(logits_of(out), labels))
             samples += int(labels.shape[0])

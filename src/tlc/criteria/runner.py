@@ -7,12 +7,12 @@ depends on them from cached activations).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_unflatten
 
 from tlc.graph import Graph, placeholder_values
 
@@ -45,9 +45,6 @@ class GraphRunner:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.order = {n: i for i, n in enumerate(graph.gm.graph.nodes)}
-        codegen = graph.gm.graph._codegen
-        info = getattr(codegen, "pytree_info", None)
-        self.out_spec = info.out_spec if info is not None else None
 
     def run(self, inputs: Any, *, replace: dict[fx.Node, Callable] | None = None,
             observe: dict[fx.Node, Callable] | None = None, initial_env: Env | None = None) -> tuple[Any, Env]:
@@ -57,15 +54,9 @@ class GraphRunner:
         args, kwargs = as_call(inputs)
         interpreter = _Interpreter(self, replace or {}, observe or {})
         gm = self.graph.gm
-        was_training = gm.training
-        gm.eval()
-        try:
-            with torch.no_grad():
-                out = interpreter.run(*placeholder_values(gm, args, kwargs), initial_env=dict(initial_env or {}))
-        finally:
-            gm.train(was_training)
-        if self.out_spec is not None:
-            out = tree_unflatten(list(out), self.out_spec)
+        values = placeholder_values(gm, args, kwargs)
+        with torch.no_grad(), _eval_mode(gm, self.graph.backend):
+            out = interpreter.run(*values, initial_env=dict(initial_env or {}))  # structured like the model's
         return out, interpreter.env
 
     def downstream(self, nodes: Iterable[fx.Node]) -> set[fx.Node]:
@@ -86,6 +77,21 @@ class GraphRunner:
         initial = {n: v for n, v in cache.items() if n not in dirty and n.op != "output"}
         out, _ = self.run(inputs, replace=replace, initial_env=initial)
         return out
+
+
+@contextmanager
+def _eval_mode(gm: fx.GraphModule, backend: str) -> Iterator[None]:
+    """Eval mode for an fx graph; a torch.export graph is already specialised to eval (and refuses .eval())."""
+    if backend == "export":
+        yield
+        return
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def logits_of(output: Any) -> torch.Tensor:

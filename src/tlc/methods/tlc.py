@@ -196,10 +196,10 @@ def tolerance_count(joint: list[float], tolerance: float) -> int:
 
 
 def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]],
-           example_inputs: ExampleInputs, config: TLCConfig) -> Selection:
+           example_inputs: ExampleInputs, config: TLCConfig, progress: bool = False) -> Selection:
     """Rank the remaining sites of ``model`` (traced as ``graph``) and choose this step's collapse."""
     masks = site_masks(graph, calibration)
-    ranking = LossGaps(graph, calibration)
+    ranking = LossGaps(graph, calibration, progress=progress)
     gaps = ranking.single_gaps(masks)
 
     def joint_gaps(site_sets: list[list[str]]) -> list[float]:

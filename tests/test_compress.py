@@ -1,0 +1,149 @@
+"""The compression loop end to end on tiny models and data: steps, budget, outputs, save/load, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import tlc
+from tlc.compress import compress
+from tlc.io.recipe import load
+from tlc.methods.tlc import TLCConfig, Unit, _prefixes, official_count, tolerance_count
+from tlc.train import FitConfig
+from tlc.zoo.data import load_data
+from tlc.zoo.models import build_model
+
+FAST = TLCConfig(finetune=FitConfig(epochs=0.3, lr=0.01, batch_size=32), calibration_size=64,
+                 calibration_batch_size=32, max_steps=2, latency_repeats=3, max_acc_drop=100.0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_data("digits", seed=0, image_size=16)
+    return data, Subset(data.train, range(256)), Subset(data.val, range(96))
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    data, train, _ = digits
+    model, spec = build_model("tlc:cifar_mobilenet_v2", num_classes=10, in_channels=1, width_mult=0.25)
+    tlc.train.fit(model, train, FitConfig(epochs=2, lr=0.05, batch_size=32), progress=False)
+    return model.eval(), spec
+
+
+def _run(model, digits, out=None, **overrides):
+    data, train, val = digits
+    return compress(model, train, val, config=dataclasses.replace(FAST, **overrides), example_inputs=data.example_inputs(2),
+                    out_dir=out, progress=False, log=None, model_spec=None, data_spec="digits")
+
+
+def test_rules():
+    assert tolerance_count([0.01, 0.03, 0.2, 0.04], 0.05) == 4  # the largest k within tolerance
+    assert tolerance_count([0.3, 0.4], 0.05) == 1  # at least one
+    gaps = {"a": -0.2, "b": -0.1, "c": 0.0, "d": 0.3}
+    joint = {2: -0.25, 3: 0.01, 4: 0.5}
+    assert official_count(["a", "b", "c", "d"], gaps, lambda s: joint[len(s)]) == 3  # off by one, as published
+    assert official_count(["c", "a"], {"c": 0.1, "a": 0.2}, lambda s: -1.0) == 1
+    order = [Unit(("a", "b"), 0.1, 0.0), Unit(("b",), 0.1, 0.0), Unit(("c",), 0.0, 0.0), Unit(("d", "e"), 0.0, 0.0)]
+    assert _prefixes(order, 4) == [["a", "b"], ["a", "b", "c"]]
+
+
+def test_compress_records_steps_and_returns_an_exact_shallower_model(trained, digits, tmp_path):
+    model, spec = trained
+    data, _, val = digits
+    result = _run(model, digits, tmp_path / "run")
+    assert [s.step for s in result.steps] == [1, 2] and result.stop_reason == "max_steps (2) reached"
+    assert result.chosen_step == 2
+    x = data.example_inputs(2)
+    with torch.no_grad():
+        ref, out = result.training_model.eval()(x), result.model(x)
+    assert ((ref - out).abs().max() / ref.abs().max()).item() < 1e-4
+    assert result.compressed["activations"] < result.original["activations"]
+    assert result.compressed["activations"] == 35 - sum(len(s.sites) for s in result.steps)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["chosen_step"] == 2 and len(report["steps"]) == 2 and report["network"]
+    assert (tmp_path / "run" / "steps.csv").read_text().count("\n") == 3
+    assert "val accuracy" in str(result)
+
+
+def test_budget_rejects_a_step_and_keeps_the_previous_model(trained, digits):
+    model, _ = trained
+    result = _run(model, digits, max_acc_drop=0.0, max_steps=3, retry_single=False,
+                  finetune=FitConfig(epochs=0.05, lr=0.5, batch_size=32))
+    rejected = [s for s in result.steps if not s.accepted]
+    assert rejected and result.stop_reason == "accuracy budget spent"
+    assert result.chosen_step == rejected[0].step - 1
+    assert result.compressed["val_accuracy"] >= result.original["val_accuracy"] - 1e-9
+
+
+def test_save_load_round_trip(trained, digits, tmp_path):
+    model, spec = trained
+    data, train, val = digits
+    out = tmp_path / "run"
+    result = compress(model, train, val, config=FAST, example_inputs=data.example_inputs(2), out_dir=out,
+                      progress=False, log=None, model_spec=spec.to_json(), data_spec="digits")
+    loaded = load(out)
+    x = data.example_inputs(4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
+    assert tlc.measure.depth(loaded, x) == result.compressed["depth"]
+
+
+def test_resume_after_an_interruption_gives_the_same_result(trained, digits, tmp_path, monkeypatch):
+    model, _ = trained
+    full = _run(model, digits, tmp_path / "full")
+    import tlc.compress as engine
+
+    real_fit, calls = engine.fit, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, digits, tmp_path / "cut")
+    monkeypatch.setattr(engine, "fit", real_fit)
+    with pytest.raises(tlc.SpecError, match="already holds a run"):
+        _run(model, digits, tmp_path / "cut")
+    data, train, val = digits
+    resumed = compress(model, train, val, config=FAST, example_inputs=data.example_inputs(2), out_dir=tmp_path / "cut",
+                       resume=True, progress=False, log=None, model_spec=None, data_spec="digits")
+    assert [s.sites for s in resumed.steps] == [s.sites for s in full.steps]
+    for a, b in zip(resumed.training_model.state_dict().values(), full.training_model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(tlc.SpecError, match="other settings"):
+        compress(model, train, val, config=dataclasses.replace(FAST, seed=1), example_inputs=data.example_inputs(2),
+                 out_dir=tmp_path / "cut", resume=True, progress=False, log=None, data_spec="digits")
+
+
+def test_bert_path_measures_gelu_statistics_and_merges_the_ffn(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    g = torch.Generator().manual_seed(0)
+    rows = ["text,label"]
+    for i in range(120):
+        label = i % 2
+        words = [f"w{int(torch.randint(0, 20, (1,), generator=g)) + 20 * label}" for _ in range(3 + i % 5)]
+        rows.append(f"{' '.join(words)},{label}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    data = load_data(f"textcsv:{tmp_path / 'data.csv'}", tokenizer=tokenizer, seed=0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg)
+    tlc.train.fit(model, data.train, FitConfig(epochs=3, lr=1e-3, optimizer="adamw", batch_size=16),
+                  collate_fn=data.collate_fn, progress=False)
+    config = dataclasses.replace(FAST, max_steps=1, calibration_size=24)
+    result = compress(model.eval(), data.train, data.val, config=config, collate_fn=data.collate_fn,
+                      example_inputs=data.example_inputs(2), progress=False, log=None)
+    assert result.steps[0].sites[0].endswith("intermediate.intermediate_act_fn")
+    assert result.compressed["depth"] < result.original["depth"]
