@@ -37,8 +37,9 @@ def trained(digits):
 
 def _run(model, digits, out=None, **overrides):
     data, train, val = digits
-    return compress(model, train, val, config=dataclasses.replace(FAST, **overrides), example_inputs=data.example_inputs(2),
-                    out_dir=out, progress=False, log=None, model_spec=None, data_spec="digits")
+    config = dataclasses.replace(FAST, **overrides)
+    return compress(model, train, val, config=config, example_inputs=data.example_inputs(2), out_dir=out,
+                    progress=False, log=None, model_spec=None, data_spec="digits")
 
 
 def test_rules():
