@@ -259,7 +259,7 @@ def compress(
             say(f"step {step}: over budget with {len(selection.sites)} sites, retrying with {' + '.join(single.sites)}")
             record, candidate = _run_step(step, lin, single, config, train_data, val_data, collate_fn, dev, original,
                                           example, checkpoints, progress, run_eval, floor, say)
-        stop = _stop_after_step(record, config)
+        stop = _stop_after_step(record, config, state.history)
         record.accepted = record.within_budget or (config.continue_past_budget and record.note != "non-finite loss")
         state.history.append(asdict(record))
         if record.accepted:
@@ -318,13 +318,18 @@ def _stop_before_step(state: _State, config: TLCConfig, lin: nn.Module, example:
     return ""
 
 
-def _stop_after_step(record: StepRecord, config: TLCConfig) -> str:
+def _stop_after_step(record: StepRecord, config: TLCConfig, history: list[dict[str, Any]]) -> str:
     if record.note == "non-finite loss":
         return "non-finite loss during fine-tuning"
     if config.stop_accuracy is not None and record.val_accuracy < config.stop_accuracy:
         return f"validation accuracy below {100 * config.stop_accuracy:.0f}%"
     if not record.within_budget and not config.continue_past_budget:
         return "accuracy budget spent"
+    patience = config.budget_patience
+    if not record.within_budget and patience is not None:
+        recent = [h["within_budget"] for h in history[-(patience - 1):]] if patience > 1 else []
+        if len(recent) == patience - 1 and not any(recent):
+            return f"{patience} step(s) in a row over the accuracy budget"
     return ""
 
 

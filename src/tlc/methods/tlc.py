@@ -50,6 +50,7 @@ class TLCConfig:
     stop_accuracy: float | None = None  # stop when validation accuracy falls below this fraction
     min_activations: int = 0  # stop when this many activations are left
     continue_past_budget: bool = False  # keep going after the budget is spent (result: best within budget)
+    budget_patience: int | None = None  # with continue_past_budget: stop after this many steps over budget in a row
     retry_single: bool = True  # a rejected multi-site step is retried with its best site alone
     latency_repeats: int = 20
     seed: int = 0

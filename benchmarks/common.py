@@ -1,0 +1,105 @@
+"""Shared pieces of the benchmarks: base-model training, compression runs, side-by-side latency, JSON.
+
+Every benchmark writes under ``runs/bench/<name>/`` (resumable: a finished base model or compression
+run is reused) and a ``summary.json`` that ``benchmarks/results.py`` turns into docs/results.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+import tlc  # noqa: E402
+from tlc.compress import CompressionResult, compress  # noqa: E402
+from tlc.methods.tlc import TLCConfig  # noqa: E402
+from tlc.train import FitConfig, evaluate, fit  # noqa: E402
+
+RUNS = Path(os.environ.get("TLC_BENCH_DIR", "runs/bench"))
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "tlc": tlc.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def train_base(model: nn.Module, data: Any, recipe: FitConfig, directory: Path, *, seed: int = 0,
+               device: str = "cpu") -> dict[str, Any]:
+    """Train ``model`` with ``recipe`` (or load it when already trained); returns its accuracies and cost."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "base.safetensors"
+    info_path = directory / "base.json"
+    if weights.is_file() and info_path.is_file():
+        model.load_state_dict(load_file(str(weights)))
+        return json.loads(info_path.read_text())
+    start = time.perf_counter()
+    result = fit(model, data.train, recipe, collate_fn=data.collate_fn, device=device, seed=seed,
+                 checkpoint_dir=directory / "base-checkpoints", resume=True, description="base training")
+    info = {
+        "recipe": dataclasses.asdict(recipe), "seed": seed, "epochs": result.epochs,
+        "train_seconds": time.perf_counter() - start,
+        "val_accuracy": evaluate(model, data.val, collate_fn=data.collate_fn, device=device)["accuracy"],
+        "test_accuracy": evaluate(model, data.test, collate_fn=data.collate_fn, device=device)["accuracy"]
+        if data.test is not None else None,
+    }
+    tmp = directory / ".base.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def run(model: nn.Module, data: Any, config: TLCConfig, directory: Path, *, spec: Any, device: str = "cpu",
+        batch_sizes: tuple[int, ...] = (1, 64), backends: tuple[str, ...] = ("eager", "onnxruntime")
+        ) -> CompressionResult:
+    """One compression run, resumed when ``directory`` already holds a partial one."""
+    resume = (directory / "checkpoints").is_dir()
+    return compress(model, data.train, data.val, config=config, test_data=data.test, collate_fn=data.collate_fn,
+                    example_inputs=data.example_inputs(2), out_dir=directory, resume=resume, device=device,
+                    model_spec=spec.to_json(), data_spec=data.name, latency_batch_sizes=batch_sizes,
+                    latency_backends=backends)
+
+
+def folded_baseline(original: nn.Module, deployed: nn.Module, example: Any,
+                    batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Latency of the compressed model against the original with only its batch norms folded: the
+    part of the speed-up that depth compression, not BN folding, is responsible for."""
+    folded = tlc.merge(original, example, policy="never")
+    cmp = tlc.compare(folded, deployed, example, batch_sizes=batch_sizes, labels=("bn-folded", "compressed"))
+    return cmp.to_dict()
+
+
+def summary(name: str, base: dict[str, Any], results: dict[str, CompressionResult], extra: dict[str, Any]
+            ) -> dict[str, Any]:
+    """The benchmark's summary.json content."""
+    return {"name": name, "machine": machine(), "base": base,
+            "runs": {preset: r.report for preset, r in results.items()}, **extra}
+
+
+def write_summary(directory: Path, content: dict[str, Any]) -> Path:
+    path = directory / "summary.json"
+    path.write_text(json.dumps(content, indent=2, default=str))
+    return path
+
+
+def headline(report: dict[str, Any]) -> str:
+    """One line per run: accuracy drop, activations removed, depth, MACs and latency ratios."""
+    o, c = report["original"], report["compressed"]
+    acc = "test_accuracy" if "test_accuracy" in o else "val_accuracy"
+    ratios = ", ".join(f"{r['backend']} b{r['batch_size']} x{r['ratio']:.2f}" for r in report["latency"]["rows"])
+    return (f"{report['preset']:>7}: top-1 {100 * o[acc]:.2f} -> {100 * c[acc]:.2f} "
+            f"({100 * (c[acc] - o[acc]):+.2f} pt), activations {o['activations']} -> {c['activations']}, "
+            f"depth {o['depth']} -> {c['depth']}, MACs x{o['macs'] / max(c['macs'], 1):.2f}, {ratios}, "
+            f"fine-tuning {report['finetune_epochs_total']:.1f} epochs, {report['wall_time_s'] / 60:.0f} min")

@@ -1,0 +1,83 @@
+"""CIFAR-style ResNet-18 / MobileNetV2 / VGG-16-bn on Fashion-MNIST, compressed by TLC (default and paper).
+
+    python benchmarks/vision.py --model resnet18 --preset both
+
+Fashion-MNIST (60k train, of which 6k validation, 10k test) is zero-padded to 32x32, one channel. The
+base recipe: SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 128, random crop (pad 4) and
+horizontal flip, ``--epochs`` epochs. Compression: default preset with ``--finetune-epochs`` per step;
+the paper preset with five times as many per step (full retraining, step schedule), both stopping as
+documented in docs/results.md. Resumable: rerun the same command after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from common import RUNS, folded_baseline, headline, run, summary, train_base, write_summary
+
+from tlc.methods.tlc import TLCConfig
+from tlc.train import FitConfig
+from tlc.zoo.data import load_data
+from tlc.zoo.models import build_model
+
+MODELS = {
+    "resnet18": ("tlc:cifar_resnet18", {}),
+    "mobilenet_v2": ("tlc:cifar_mobilenet_v2", {}),
+    "vgg16_bn": ("tlc:cifar_vgg16_bn", {}),
+}
+
+
+def configs(args: argparse.Namespace) -> dict[str, TLCConfig]:
+    default = TLCConfig(
+        max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=1024,
+        finetune=FitConfig(epochs=args.finetune_epochs, lr=0.01, schedule="cosine", batch_size=128),
+    )
+    paper = TLCConfig.paper(
+        max_acc_drop=args.max_acc_drop, seed=args.seed, budget_patience=2,
+        finetune=FitConfig(epochs=5 * args.finetune_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                           schedule="step", milestones=(0.5, 0.75), gamma=0.1, batch_size=128),
+    )
+    chosen = {"default": default, "paper": paper}
+    return chosen if args.preset == "both" else {args.preset: chosen[args.preset]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), required=True)
+    parser.add_argument("--preset", choices=["default", "paper", "both"], default="both")
+    parser.add_argument("--epochs", type=float, default=15.0, help="base training epochs")
+    parser.add_argument("--finetune-epochs", type=float, default=1.0, help="default preset, per step")
+    parser.add_argument("--max-acc-drop", type=float, default=1.0)
+    parser.add_argument("--width", type=float, help="width (resnet18/vgg16_bn) or width_mult (mobilenet_v2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    spec_name, kwargs = MODELS[args.model]
+    if args.width is not None:
+        kwargs = {("width_mult" if args.model == "mobilenet_v2" else "width"): args.width}
+    name = args.model + (f"-w{args.width:g}" if args.width is not None else "")
+    directory = RUNS / f"fashion-mnist-{name}"
+    data = load_data("fashion-mnist", seed=args.seed, augment=True)  # augments the training split only
+    model, spec = build_model(spec_name, num_classes=10, in_channels=1, **kwargs)
+    recipe = FitConfig(epochs=args.epochs, lr=0.05, schedule="cosine", weight_decay=5e-4, batch_size=128)
+    base = train_base(model, data, recipe, directory, seed=args.seed, device=args.device)
+    print(f"base {name}: val {100 * base['val_accuracy']:.2f}%, test {100 * base['test_accuracy']:.2f}%")
+    results, baselines = {}, {}
+    for preset, config in configs(args).items():
+        result = run(model, data, config, directory / preset, spec=spec, device=args.device)
+        results[preset] = result
+        baselines[preset] = folded_baseline(model.eval(), result.model, data.example_inputs(2), (1, 64))
+        print(headline(result.report))
+    path = write_summary(directory, summary(f"fashion-mnist/{name}", base, results,
+                                            {"vs_bn_folded": baselines, "args": vars(args)}))
+    print(json.dumps({p: r.report["compressed"] for p, r in results.items()}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
