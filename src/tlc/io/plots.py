@@ -23,7 +23,7 @@ TEST = "#6a3d9a"
 SITE_KEPT = "#d95f02"
 SITE_COLLAPSED = "#1b9e77"
 LAYER = "#b8b8b8"
-GROUP_COLOURS = ("#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#2c7fb8")
+GROUP_COLOURS = ("#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728", "#393b79")
 
 
 def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
@@ -116,6 +116,7 @@ def _accuracy_vs_activations(fig: Any, report: dict[str, Any]) -> None:
     ax.set_xlabel(f"activations removed (of {total})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     top = ax.secondary_xaxis("top", functions=(lambda x: total - x, lambda x: total - x))
+    top.xaxis.get_major_locator().set_params(integer=True)
     top.set_xlabel("activations left", fontsize=8)
     top.tick_params(labelsize=8)
     ax.set_title(_title(report, "validation accuracy vs activations removed (numbers: step)"), fontsize=10)
@@ -132,11 +133,12 @@ def _accuracy_vs_speedup(fig: Any, report: dict[str, Any]) -> None:
     final_x = final["ratio"] if final else chosen.speedup
     _draw_run(ax, report, points, [p.speedup for p in points], final_x, final)
     for i, p in enumerate(points):
-        ax.annotate(f"d{p.depth}", (p.speedup, p.accuracy), xytext=(10, 3 if i % 2 == 0 else -10),
+        ax.annotate(f"{p.step} (d{p.depth})", (p.speedup, p.accuracy), xytext=(10, 3 if i % 2 == 0 else -10),
                     textcoords="offset points", fontsize=7, color="#555555")
     ax.axvline(1.0, color="#999999", lw=0.8, ls=":")
     ax.set_xlabel("measured speed-up (batch-1 latency of the original / of the compressed model)")
-    ax.set_title(_title(report, "validation accuracy vs measured speed-up (d: depth in weight layers)"), fontsize=10)
+    what = "validation accuracy vs measured speed-up (labels: step (depth in weight layers))"
+    ax.set_title(_title(report, what), fontsize=10)
     _finish_axes(fig, ax)
 
 
@@ -156,10 +158,10 @@ def _draw_run(ax: Any, report: dict[str, Any], points: list[_Point], xs: list[fl
     """The path of accepted steps, the rejected tries, the budget, the chosen step and the test accuracies."""
     ys = [p.accuracy for p in points]
     path = [i for i, p in enumerate(points) if p.accepted]
-    ax.plot([xs[i] for i in path], [ys[i] for i in path], color=ACCENT, lw=1.2, zorder=2)
+    ax.plot([xs[i] for i in path], [ys[i] for i in path], color=ACCENT, lw=1.0, alpha=0.45, zorder=2)
     for i, p in enumerate(points):
         if not p.accepted:
-            ax.plot([xs[p.parent], xs[i]], [ys[p.parent], ys[i]], color=ACCENT, lw=0.8, ls=":", zorder=2)
+            ax.plot([xs[p.parent], xs[i]], [ys[p.parent], ys[i]], color=ACCENT, lw=0.9, ls=":", alpha=0.7, zorder=2)
     accepted = [i for i in path if i > 0]
     rejected = [i for i, p in enumerate(points) if not p.accepted]
     ax.plot([xs[0]], [ys[0]], "s", color="black", ms=7, zorder=4, label="original (step 0)")
