@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import tlc
-from tests.helpers import randomize_bn, rel_err
 from tlc.cli import main
 from tlc.io.recipe import load, save
 from tlc.zoo.models import ModelSpec
+
+from .helpers import randomize_bn, rel_err
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
