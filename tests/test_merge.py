@@ -106,3 +106,7 @@ def test_hf_bert_ffn_collapses_to_one_linear_with_the_residual_folded():
     other = {"input_ids": torch.randint(5, 50, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
     assert rel_err(lin(**other).logits, dep(**other).logits) < 1e-5  # dynamic batch and length
     assert tlc.measure.depth(dep, x) == tlc.measure.depth(model, x) - 2
+    half = tlc.merge(tlc.linearize(model, sites[:1], x), x)
+    assert [s.name for s in tlc.find_sites(half, x)] == [sites[1].name]  # names survive the merge
+    half = tlc.merge(tlc.linearize(model, sites[:1], x), x)
+    assert [s.name for s in tlc.find_sites(half, x)] == [sites[1].name]  # names survive the merge

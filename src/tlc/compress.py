@@ -426,7 +426,8 @@ def _finish(original: nn.Module, best: nn.Module, deployed: nn.Module, state: _S
         "steps": [asdict(s) for s in steps],
         "chosen_step": state.best_step, "stop_reason": state.stop_reason,
         "sites_collapsed": record.get("sites", []),
-        "finetune_epochs_total": sum(s.finetune_epochs for s in steps) + config.final_finetune_epochs,
+        "finetune_epochs_total": sum(s.finetune_epochs for s in steps)
+        + (config.final_finetune_epochs if state.best_step > 0 else 0.0),
         "merge": [asdict(r) for r in deployed.tlc_report.records],
         "network": network_map(original, deployed, example),
         "wall_time_s": time.perf_counter() - start,
@@ -440,7 +441,7 @@ def network_map(original: nn.Module, deployed: nn.Module, example: ExampleInputs
     from tlc.ops import Kind
 
     graph = trace(original, rebatch(example, 1))
-    kept = {s.name for s in trace(deployed, rebatch(example, 1)).sites}
+    collapsed = set((getattr(deployed, "_tlc_record", None) or {}).get("sites", []))
     into: dict[str, str] = {}
     for record in deployed.tlc_report.records:
         for op in record.replaces:
@@ -451,7 +452,7 @@ def network_map(original: nn.Module, deployed: nn.Module, example: ExampleInputs
         info = graph.info[node]
         if info.kind is Kind.SITE:
             name = site_of[node.name]
-            entries.append({"kind": "site", "name": name, "status": "kept" if name in kept else "collapsed"})
+            entries.append({"kind": "site", "name": name, "status": "collapsed" if name in collapsed else "kept"})
         elif info.kind in (Kind.CONV, Kind.LINEAR):
             owner = info.owner or node.name
             entries.append({"kind": info.kind.value, "name": owner, "into": into.get(owner, owner)})

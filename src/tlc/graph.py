@@ -166,6 +166,8 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, backend: str = "au
     with torch.no_grad():
         reference = source(*args, **kwargs)
     errors: list[str] = []
+    if isinstance(model, fx.GraphModule) and backend == "auto":
+        return _graph_of_graph_module(source, args, kwargs, reference, example_inputs)
     if backend in ("auto", "fx"):
         try:
             gm = _fx_trace(source, args, kwargs)
@@ -186,6 +188,16 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, backend: str = "au
         errors.append(f"torch.export: {type(exc).__name__}: {_first_line(exc)}")
         raise TraceError(f"{type(model).__name__} cannot be traced: " + "; ".join(errors)) from exc
     return Graph(gm, "export", source, example_inputs)
+
+
+def _graph_of_graph_module(gm: fx.GraphModule, args: tuple, kwargs: dict, reference: Any,
+                           example_inputs: ExampleInputs) -> Graph:
+    """A model that is already a graph (a training or deploy form) is used as it is: tracing it again
+    would lose what its nodes know (the module each ATen op of a torch.export graph came from)."""
+    record_shapes(gm, args, kwargs)
+    _check_reproduces(gm, args, kwargs, reference, "graph")
+    aten = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+    return Graph(gm, "export" if aten else "fx", gm, example_inputs)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -80,6 +80,15 @@ class TLCConfig:
         return replace(base, **overrides)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """Sites collapsed together as one candidate, with the MACs fraction it saves and its loss gap."""
+
+    sites: tuple[str, ...]
+    saving: float
+    gap: float
+
+
 @dataclass
 class Selection:
     """What one TLC step collapses, and the evidence for it."""
@@ -90,22 +99,13 @@ class Selection:
     savings: dict[str, float]
     joint_gap: float
     order: list[str]
-    units: list[tuple[str, ...]] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
 
     def first_unit(self) -> Selection:
         """The same selection cut down to its best unit (one site, or a pair that only pays together)."""
-        unit = list(self.units[0]) if self.units else self.sites[:1]
-        return Selection(unit, {n: self.masks[n] for n in unit}, self.gaps, self.savings,
-                         self.joint_gap if unit == self.sites else float("nan"), self.order, [tuple(unit)])
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Sites collapsed together as one candidate, with the MACs fraction it saves and its loss gap."""
-
-    sites: tuple[str, ...]
-    saving: float
-    gap: float
+        unit = self.units[0]
+        return Selection(list(unit.sites), {n: self.masks[n] for n in unit.sites}, self.gaps, self.savings,
+                         unit.gap, self.order, [unit])
 
 
 def site_masks(graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -224,6 +224,7 @@ def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torc
         joint_list = [order[0].gap] + joint_gaps(prefixes[1:])
         k = tolerance_count(joint_list, config.gap_tolerance)
         chosen, joint = prefixes[k - 1], joint_list[k - 1]
-    units_chosen = [u.sites for u in order if set(u.sites) <= set(chosen)]
+    units_chosen = [u for u in order if set(u.sites) <= set(chosen)] if config.multi_site_rule != "official" \
+        else [Unit((n,), savings.get((n,), 0.0), gaps[n]) for n in chosen]
     return Selection(chosen, {n: masks[n] for n in chosen}, gaps, {"+".join(u): v for u, v in savings.items()},
                      joint, [n for u in order for n in u.sites if len(u.sites) == 1], units_chosen)
