@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     spec_name, kwargs = MODELS[args.model]
     if args.width is not None:
-        kwargs = {("width_mult" if args.model == "mobilenet_v2" else "width"): args.width}
+        kwargs = {"width_mult": args.width} if args.model == "mobilenet_v2" else {"width": int(args.width)}
     name = args.model + (f"-w{args.width:g}" if args.width is not None else "")
     directory = RUNS / f"fashion-mnist-{name}"
     data = load_data("fashion-mnist", seed=args.seed, augment=True)  # augments the training split only

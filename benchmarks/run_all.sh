@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every benchmark behind docs/results.md, in the order they were run. Each command is resumable:
+# rerun this script after an interruption and finished parts are reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 TQDM_DISABLE=${TQDM_DISABLE:-1}
+
+$PY benchmarks/swin.py --size 112
+$PY benchmarks/nlp.py --preset default --finetune-epochs 1
+$PY benchmarks/vision.py --model resnet18 --width 32 --epochs 10 --finetune-epochs 0.25 --preset both
+$PY benchmarks/vision.py --model mobilenet_v2 --width 0.5 --epochs 8 --finetune-epochs 0.25 --preset both
+$PY benchmarks/vision.py --model vgg16_bn --width 32 --epochs 8 --finetune-epochs 0.25 --preset both
+$PY benchmarks/results.py
