@@ -43,6 +43,22 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def logits(output: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, or an object or dict with ``logits`` (Hugging Face
+    ``ModelOutput``). A tuple is refused rather than guessed at."""
+    if isinstance(output, torch.Tensor):
+        return output
+    found = getattr(output, "logits", None)
+    if found is None and isinstance(output, Mapping):
+        found = output.get("logits")
+    if not isinstance(found, torch.Tensor):
+        from tlc.errors import SpecError
+
+        raise SpecError(f"the model returned a {type(output).__name__}; expected a logits tensor or an object with "
+                        "a .logits tensor (e.g. a Hugging Face ModelOutput)")
+    return found
+
+
 def max_relative_error(reference: Any, candidate: Any) -> float:
     """Largest |candidate - reference| relative to the largest |reference|, over all outputs."""
     ref, cand = output_tensors(reference), output_tensors(candidate)

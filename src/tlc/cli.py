@@ -137,7 +137,7 @@ def _load(model_spec: str, data_spec: str, args: argparse.Namespace) -> tuple[An
 def _check_shapes(model: Any, data: Any) -> None:
     import torch
 
-    from tlc.criteria.runner import logits_of
+    from tlc._inputs import logits
     from tlc.errors import SpecError
 
     inputs = data.example_inputs(2)
@@ -148,9 +148,9 @@ def _check_shapes(model: Any, data: Any) -> None:
         shape = data.input_shape or "token ids"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpecError(f"the model cannot take {data.name} inputs of shape {shape}: {first}") from exc
-    logits = logits_of(out)
-    if logits.shape[-1] != data.num_classes:
-        raise SpecError(f"the model outputs {logits.shape[-1]} classes, {data.name} has {data.num_classes}")
+    classes = logits(out).shape[-1]
+    if classes != data.num_classes:
+        raise SpecError(f"the model outputs {classes} classes, {data.name} has {data.num_classes}")
 
 
 def _pretrain(model: Any, data: Any, epochs: float, out: Path, args: argparse.Namespace, quiet: bool) -> None:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tlc.criteria.runner import GraphRunner, logits_of
+from tlc._inputs import logits
+from tlc.criteria.runner import GraphRunner
 from tlc.graph import Graph
 
 Collapse = Mapping[str, torch.Tensor | None]  # site name -> 0/1 channel mask (None: plain identity)
@@ -64,10 +65,10 @@ class LossGaps:
                        disable=not self.progress or not collapses)
         for inputs, labels in batches:
             out, env = self.runner.run(inputs)
-            base_total += float(self.loss_fn(logits_of(out), labels))
+            base_total += float(self.loss_fn(logits(out), labels))
             samples += int(labels.shape[0])
             for i, replace in enumerate(replacements):
-                totals[i] += float(self.loss_fn(logits_of(self.runner.rerun(env, inputs, replace)), labels))
+                totals[i] += float(self.loss_fn(logits(self.runner.rerun(env, inputs, replace)), labels))
         self._base = base_total / samples
         return [(t - base_total) / samples for t in totals]
 

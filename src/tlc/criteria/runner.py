@@ -92,17 +92,3 @@ def _eval_mode(gm: fx.GraphModule, backend: str) -> Iterator[None]:
     finally:
         for m, mode in modes.items():
             m.training = mode
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits tensor of a model output: a tensor, an object/dict with ``logits``, or the first tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, dict):
-        logits = output.get("logits")
-    if logits is None and isinstance(output, list | tuple) and output:
-        logits = next((o for o in output if isinstance(o, torch.Tensor)), None)
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-    return logits

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tlc._inputs import ExampleInputs, as_call, to_device
+from tlc._inputs import ExampleInputs, as_call, logits, to_device
 from tlc.errors import SpecError, TLCError
 from tlc.train import distributed
 from tlc.train.checkpoint import (
@@ -233,16 +233,7 @@ def logits_of(model: nn.Module, inputs: ExampleInputs) -> torch.Tensor:
     """Run `model` on a batch's inputs (a tensor, or a dict of keyword tensors) and return its logits
     (the output itself, or its ``.logits`` as for Hugging Face models)."""
     args, kwargs = as_call(inputs)
-    output = model(*args, **kwargs)
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise SpecError(
-        f"the model returned a {type(output).__name__}; expected a logits tensor or an object with a "
-        ".logits tensor (e.g. a Hugging Face ModelOutput)"
-    )
+    return logits(model(*args, **kwargs))
 
 
 class _Run:

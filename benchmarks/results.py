@@ -1,0 +1,184 @@
+"""Regenerate docs/results.md (tables, plots) from the benchmarks' summary.json files.
+
+    python benchmarks/results.py [--runs runs/bench] [--out docs]
+
+Nothing in docs/results.md is written by hand: every number comes from a summary.json written by
+benchmarks/vision.py, nlp.py or swin.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+TARGETS = {  # (minimum speed-up at batch 1 and 64, maximum accuracy drop in points)
+    "fashion-mnist/mobilenet_v2": (1.5, 1.0),
+    "fashion-mnist/resnet18": (1.3, 1.0),
+    "rotten-tomatoes/MiniLM-L6": (1.3, 1.0),
+}
+
+COMMANDS = Path(__file__).with_name("run_all.sh")
+
+
+def _acc(side: dict[str, Any]) -> float:
+    return 100 * side.get("test_accuracy", side["val_accuracy"])
+
+
+def _latency(report: dict[str, Any]) -> dict[tuple[str, int], dict[str, float]]:
+    return {(r["backend"], r["batch_size"]): r for r in report["latency"]["rows"]}
+
+
+def _target(name: str) -> tuple[float, float] | None:
+    for key, value in TARGETS.items():
+        if name.startswith(key):
+            return value
+    return None
+
+
+def run_rows(summary: dict[str, Any]) -> list[str]:
+    rows = []
+    for preset, report in summary["runs"].items():
+        o, c = report["original"], report["compressed"]
+        lat = _latency(report)
+        cells = []
+        for backend in ("eager", "onnxruntime"):
+            for batch in (1, 64):
+                row = lat.get((backend, batch))
+                cells.append(f"x{row['ratio']:.2f}" if row else "-")
+        rows.append(
+            f"| {summary['name']} | {preset} | {_acc(o):.2f} | {_acc(c):.2f} | {_acc(c) - _acc(o):+.2f} | "
+            f"{o['activations'] - c['activations']}/{o['activations']} | {o['depth']} -> {c['depth']} | "
+            f"{o['params'] / 1e6:.2f}M -> {c['params'] / 1e6:.2f}M | "
+            f"{o['macs'] / 1e6:.1f}M -> {c['macs'] / 1e6:.1f}M | "
+            + " | ".join(cells) + f" | {report['wall_time_s'] / 60:.0f} min | {report['finetune_epochs_total']:.2f} |")
+    return rows
+
+
+def target_lines(summary: dict[str, Any]) -> list[str]:
+    target = _target(summary["name"])
+    if target is None:
+        return []
+    speed, drop = target
+    lines = []
+    for preset, report in summary["runs"].items():
+        lat = _latency(report)
+        loss = _acc(report["original"]) - _acc(report["compressed"])
+        eager = [lat[("eager", b)]["ratio"] for b in (1, 64) if ("eager", b) in lat]
+        met = loss <= drop and eager and min(eager) >= speed
+        lines.append(f"- {summary['name']} ({preset}): target x{speed} at <= {drop} pt; measured "
+                     f"{', '.join(f'x{r:.2f}' for r in eager)} (eager b1, b64) at {loss:.2f} pt: "
+                     f"**{'met' if met else 'missed'}**")
+    return lines
+
+
+def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
+    """Accuracy against activations removed, one panel per benchmark, default and paper presets."""
+    vision = [s for s in summaries if "runs" in s]
+    if not vision:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(vision), figsize=(5 * len(vision), 4), squeeze=False)
+    for ax, summary in zip(axes[0], vision):
+        for preset, report in summary["runs"].items():
+            total = report["original"]["activations"]
+            xs = [0] + [total - s["activations"] for s in report["steps"] if s["accepted"]]
+            ys = [100 * report["original"]["val_accuracy"]] + [100 * s["val_accuracy"]
+                                                              for s in report["steps"] if s["accepted"]]
+            ax.plot(xs, ys, marker="o", label=f"{preset} ({report['finetune_epochs_total']:.1f} ft epochs)")
+        budget = 100 * next(iter(summary["runs"].values()))["original"]["val_accuracy"] - 1.0
+        ax.axhline(budget, color="grey", linestyle="--", linewidth=1, label="budget (-1 pt)")
+        ax.set_title(summary["name"])
+        ax.set_xlabel("activations removed")
+        ax.set_ylabel("validation top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "img" / "results_accuracy_vs_layers_removed.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def swin_section(summary: dict[str, Any]) -> list[str]:
+    o, c = summary["original"], summary["compressed"]
+    lat = {(r["backend"], r["batch_size"]): r for r in summary["latency"]["rows"]}
+    lines = [f"### {summary['name']}: every GELU collapsed and merged (random weights)", "",
+             "| | depth | params | MACs | activations |", "|---|---|---|---|---|",
+             f"| original | {o['depth']} | {o['params'] / 1e6:.2f}M | {o['macs'] / 1e9:.2f}G | {o['activations']} |",
+             f"| merged | {c['depth']} | {c['params'] / 1e6:.2f}M | {c['macs'] / 1e9:.2f}G | {c['activations']} |",
+             "", f"Max relative error of the merged model: {summary['max_relative_error']:.1e}. Latency ratio "
+             "(original / merged, median of interleaved runs): "
+             + ", ".join(f"{b} b{n} x{r['ratio']:.2f}" for (b, n), r in sorted(lat.items())), ""]
+    return lines
+
+
+def render(runs: Path, out: Path) -> str:
+    summaries = [json.loads(p.read_text()) for p in sorted(runs.glob("*/summary.json"))]
+    if not summaries:
+        raise SystemExit(f"no summary.json under {runs}: run the benchmarks first (benchmarks/run_all.sh)")
+    machine = summaries[0]["machine"]
+    lines = ["# Results", "",
+             "Generated by `benchmarks/results.py` from the summaries the benchmark scripts write; "
+             "do not edit by hand.",
+             "", f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
+             f"Python {machine['python']}, tlc {machine['tlc']}"
+             + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU") + ".", "",
+             "## Commands", "", "```bash", COMMANDS.read_text().strip(), "```", "",
+             "## Compression runs", "",
+             "Top-1 on the test split (before/after), activations removed out of the total, depth (weight layers on "
+             "the longest path), params, MACs (batch 1), latency ratio original/compressed measured side by side "
+             "(interleaved), wall time of the whole compression, fine-tuning compute in epochs.", "",
+             "| benchmark | preset | top-1 before | after | change (pt) | activations removed | depth | params | MACs "
+             "| eager b1 | eager b64 | ORT b1 | ORT b64 | wall time | fine-tune epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for summary in summaries:
+        if "runs" in summary:
+            lines += run_rows(summary)
+    lines += ["", "### Base models", ""]
+    for summary in summaries:
+        if "base" in summary:
+            b = summary["base"]
+            recipe = {k: b["recipe"][k] for k in ("optimizer", "lr", "schedule", "batch_size")}
+            lines.append(f"- {summary['name']}: {b['epochs']:.0f} epochs ({b['train_seconds'] / 60:.0f} min), "
+                         f"validation {100 * b['val_accuracy']:.2f}%, test {100 * (b['test_accuracy'] or 0):.2f}%; "
+                         f"recipe {json.dumps(recipe)}")
+    lines += ["", "### Against the batch-norm-folded original", "",
+              "How much of the speed-up folding batch norms alone gives: the compressed model against the original "
+              "with only its batch norms folded (eager).", ""]
+    for summary in summaries:
+        for preset, cmp in summary.get("vs_bn_folded", {}).items():
+            ratios = ", ".join(f"b{r['batch_size']} x{r['ratio']:.2f}" for r in cmp["rows"])
+            lines.append(f"- {summary['name']} ({preset}): {ratios}")
+    lines += ["", "## Targets", ""]
+    for summary in summaries:
+        lines += target_lines(summary)
+    plot = steps_plot(summaries, out)
+    if plot is not None:
+        lines += ["", "## Accuracy against activations removed", "",
+                  f"![accuracy vs layers removed]({os.path.relpath(plot, out)})", ""]
+    for summary in summaries:
+        if "runs" not in summary and "latency" in summary:
+            lines += swin_section(summary)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=Path(os.environ.get("TLC_BENCH_DIR", "runs/bench")))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+    text = render(args.runs, args.out)
+    (args.out / "results.md").write_text(text)
+    print(f"wrote {args.out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
