@@ -148,3 +148,11 @@ def test_bert_path_measures_gelu_statistics_and_merges_the_ffn(tmp_path):
                       example_inputs=data.example_inputs(2), progress=False, log=None)
     assert result.steps[0].sites[0].endswith("intermediate.intermediate_act_fn")
     assert result.compressed["depth"] < result.original["depth"]
+
+
+def test_distillation_from_the_original_runs(trained, digits):
+    from tlc.train import DistillConfig
+
+    model, _ = trained
+    result = _run(model, digits, max_steps=1, distill=DistillConfig(alpha=0.7, temperature=2.0))
+    assert len(result.steps) == 1 and result.steps[0].finetune_epochs > 0

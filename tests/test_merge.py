@@ -110,3 +110,45 @@ def test_hf_bert_ffn_collapses_to_one_linear_with_the_residual_folded():
     assert [s.name for s in tlc.find_sites(half, x)] == [sites[1].name]  # names survive the merge
     half = tlc.merge(tlc.linearize(model, sites[:1], x), x)
     assert [s.name for s in tlc.find_sites(half, x)] == [sites[1].name]  # names survive the merge
+
+
+@pytest.mark.parametrize("rank,merged", [(4, False), (48, True)])
+def test_linear_chain_is_kept_factorized_when_that_is_cheaper(rank, merged):
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(32, rank), nn.ReLU(), nn.Linear(rank, 32)
+
+        def forward(self, x):
+            return self.b(self.act(self.a(x)))
+
+    model = Chain().eval()
+    x = torch.randn(4, 32)
+    lin = tlc.linearize(model, ["act"], x)
+    dep = tlc.merge(lin, x)
+    assert rel_err(lin(x), dep(x)) < 1e-5
+    layers = [m for m in dep.modules() if isinstance(m, nn.Linear)]
+    assert len(layers) == (1 if merged else 2)  # 32*32 MACs against 2*32*rank
+    assert tlc.measure.count_macs(dep, x) == 4 * min(32 * 32, 2 * 32 * rank)
+
+
+def test_block_with_projection_shortcut_folds_into_one_strided_conv():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1, self.r1 = nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+            self.c2, self.b2 = nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+            self.proj = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+            self.r2 = nn.ReLU()
+
+        def forward(self, x):
+            return self.r2(self.b2(self.c2(self.r1(self.b1(self.c1(x))))) + self.proj(x))
+
+    model = randomize_bn(Block()).eval()
+    x = torch.randn(2, 8, 15, 15)
+    lin = tlc.linearize(model, ["r1"], x, policy="always")
+    dep = tlc.merge(lin, x)
+    assert rel_err(lin(x), dep(x)) < 1e-5
+    convs = [m for m in dep.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].stride == (2, 2) and convs[0].kernel_size == (7, 7)
+    assert [r.replaces[-1] for r in dep.tlc_report.records] == ["add(add)"]
