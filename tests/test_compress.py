@@ -156,3 +156,28 @@ def test_distillation_from_the_original_runs(trained, digits):
     model, _ = trained
     result = _run(model, digits, max_steps=1, distill=DistillConfig(alpha=0.7, temperature=2.0))
     assert len(result.steps) == 1 and result.steps[0].finetune_epochs > 0
+
+
+def test_save_load_round_trip_of_a_hugging_face_deploy_form(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tlc.zoo.models import parse_model_spec
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
+    spec = parse_model_spec(f"hf:{tmp_path / 'hf'}", num_classes=2)
+    model = spec.build().eval()
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    x = {"input_ids": torch.randint(5, 50, (2, 7)), "attention_mask": mask}
+    sites = tlc.find_sites(model, x)
+    lin = tlc.linearize(model, sites[:1], x, masks={sites[0].name: (torch.arange(32) % 2).float()})
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(0.01)  # weights that differ from the folder's, as after fine-tuning
+    deployed = tlc.merge(lin, x)
+    tlc.save(deployed, tmp_path / "out", example_inputs=x, model_spec=spec.to_json())
+    loaded = tlc.load(tmp_path / "out")
+    other = {"input_ids": torch.randint(5, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(loaded(**other).logits, deployed(**other).logits)

@@ -15,6 +15,7 @@ batch norms and gates into their conv/linear and removes gated channels.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -178,11 +179,9 @@ class Planner:
             return zeros
         return frozenset()
 
-    def _channels(self, node: fx.Node, dim: int | None = None) -> int:
+    def _channels(self, node: fx.Node) -> int:
         shape = self.graph.shape(node)
-        if dim is None:
-            dim = 1
-        return int(shape[dim]) if shape else 0
+        return int(shape[1]) if shape else 0
 
     def _positions(self, node: fx.Node, channels: int) -> int:
         shape = self.graph.shape(node)
@@ -192,9 +191,9 @@ class Planner:
     def plan(self) -> Plan:
         plan = Plan()
         required = [n for n in self.nodes if n in self.linear and any(u not in self.linear for u in n.users)]
-        work: list[tuple[fx.Node, fx.Node | None]] = [(n, None) for n in required]
+        work: deque[tuple[fx.Node, fx.Node | None]] = deque((n, None) for n in required)
         while work:
-            node, entry = work.pop(0)
+            node, entry = work.popleft()
             if plan.is_realized(node):
                 continue
             if entry is None:
@@ -204,7 +203,7 @@ class Planner:
                 plan.kept.add(node)
                 work.extend((i, None) for i in self.info[node].inputs if i in self.linear)
                 continue
-            self._commit(solution, plan, work)
+            self._commit(solution, plan)
             if entry in self.linear:
                 work.append((entry, None))
         for exit_ in plan.merged:
@@ -223,7 +222,7 @@ class Planner:
             total = total + self._op_cost(node)
         return total
 
-    def _commit(self, solution: _Solution, plan: Plan, work: list) -> None:
+    def _commit(self, solution: _Solution, plan: Plan) -> None:
         for step in solution.steps:
             tag = step[0]
             if tag == "merged":
@@ -242,7 +241,7 @@ class Planner:
                     continue
                 plan.kept.add(end)
                 for branch in branches:
-                    self._commit(branch, plan, work)
+                    self._commit(branch, plan)
             elif tag == "keepall":
                 for n in step[1]:
                     if not plan.is_realized(n):
