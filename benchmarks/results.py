@@ -157,6 +157,16 @@ def render(runs: Path, out: Path) -> str:
         for preset, cmp in summary.get("vs_bn_folded", {}).items():
             ratios = ", ".join(f"b{r['batch_size']} x{r['ratio']:.2f}" for r in cmp["rows"])
             lines.append(f"- {summary['name']} ({preset}): {ratios}")
+    stability = [json.loads(p.read_text()) for p in sorted(runs.glob("*/ranking.json"))]
+    if stability:
+        lines += ["", "### Ranking stability", "",
+                  "Loss-gap ranking of every site measured on two calibration samples (seeds 0 and 1) of the "
+                  "validation data (`benchmarks/ranking_stability.py`): Spearman rank correlation and overlap of "
+                  "the five best sites.", ""]
+        for item in stability:
+            for size, row in item["stability"].items():
+                lines.append(f"- {item['name']}, {size} samples: Spearman {row['spearman']:.3f}, "
+                             f"top-5 overlap {row['top5_overlap']}/5 ({item['sites']} sites)")
     lines += ["", "## Targets", ""]
     for summary in summaries:
         lines += target_lines(summary)

@@ -1,0 +1,68 @@
+"""Is TLC's ranking stable between two samples of calibration data? (default size: 1024)
+
+    python benchmarks/ranking_stability.py --run runs/bench/fashion-mnist-resnet18-w32 --sizes 128 1024
+
+Loads a benchmark's trained base model, measures every site's loss gap on calibration sets drawn with
+two seeds, and reports the Spearman rank correlation and the overlap of the five best sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import tlc
+from tlc.compress import calibration_batches
+from tlc.criteria.loss_gap import LossGaps
+from tlc.methods.tlc import TLCConfig, site_masks
+from tlc.zoo.data import load_data
+from tlc.zoo.models import ModelSpec
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a benchmark directory with base.safetensors")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    summary = json.loads((args.run / "summary.json").read_text())
+    report = next(iter(summary["runs"].values()))
+    model = ModelSpec.from_json(report["model"]).build()
+    model.load_state_dict(load_file(str(args.run / "base.safetensors")))
+    model.eval()
+    data = load_data(report["data"], seed=0)
+    example = data.example_inputs(2)
+    graph = tlc.trace(model, example)
+    rows = {}
+    for size in args.sizes:
+        gaps = []
+        for seed in (0, 1):
+            config = dataclasses.replace(TLCConfig(), calibration_size=size, seed=seed)
+            batches = calibration_batches(data.val, config, data.collate_fn, torch.device("cpu"))
+            gaps.append(LossGaps(graph, batches).single_gaps(site_masks(graph, batches)))
+        names = list(gaps[0])
+        a, b = [gaps[0][n] for n in names], [gaps[1][n] for n in names]
+        top = [set(sorted(names, key=g.__getitem__)[:5]) for g in gaps]
+        rows[size] = {"spearman": spearman(a, b), "top5_overlap": len(top[0] & top[1])}
+        print(f"calibration {size}: Spearman {rows[size]['spearman']:.3f}, "
+              f"top-5 overlap {rows[size]['top5_overlap']}/5")
+    path = args.run / "ranking.json"
+    path.write_text(json.dumps({"name": summary["name"], "sites": len(graph.sites), "stability": rows}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
