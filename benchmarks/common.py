@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tlc  # noqa: E402
-from tlc.compress import CompressionResult, compress  # noqa: E402
+from tlc.compression import CompressionResult, compress  # noqa: E402
 from tlc.methods.tlc import TLCConfig  # noqa: E402
 from tlc.train import FitConfig, evaluate, fit  # noqa: E402
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import tlc
-from tlc.compress import calibration_batches
+from tlc.compression import calibration_batches
 from tlc.criteria.loss_gap import LossGaps
 from tlc.methods.tlc import TLCConfig, site_masks
 from tlc.zoo.data import load_data

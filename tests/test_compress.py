@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Subset
 
 import tlc
-from tlc.compress import compress
+from tlc.compression import compress
 from tlc.io.recipe import load
 from tlc.methods.tlc import TLCConfig, Unit, _prefixes, official_count, tolerance_count
 from tlc.train import FitConfig
@@ -97,7 +97,7 @@ def test_save_load_round_trip(trained, digits, tmp_path):
 def test_resume_after_an_interruption_gives_the_same_result(trained, digits, tmp_path, monkeypatch):
     model, _ = trained
     full = _run(model, digits, tmp_path / "full")
-    import tlc.compress as engine
+    import tlc.compression as engine
 
     real_fit, calls = engine.fit, []
 

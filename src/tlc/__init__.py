@@ -1,7 +1,7 @@
 """tlc: make trained PyTorch networks shallower and faster, exactly where it is lossless."""
 
 from tlc import measure, train
-from tlc.compress import CompressionResult, compress
+from tlc.compression import CompressionResult, compress
 from tlc.errors import MergeError, SpecError, TLCError, TraceError, UnknownSiteError, VerificationError
 from tlc.graph import Graph, Segment, Site, find_sites, trace
 from tlc.io.export import export_onnx

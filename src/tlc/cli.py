@@ -179,7 +179,7 @@ def _pretrain(model: Any, data: Any, epochs: float, out: Path, args: argparse.Na
 def _compress(args: argparse.Namespace) -> int:
     import torch
 
-    from tlc.compress import compress
+    from tlc.compression import compress
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,7 +207,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from tlc.compress import compress
+    from tlc.compression import compress
     from tlc.methods.tlc import TLCConfig
     from tlc.train import FitConfig
 
@@ -245,7 +245,7 @@ def _demo_model(data_spec: str, ns: argparse.Namespace) -> tuple[Any, Any, Any]:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from tlc.compress import format_table
+    from tlc.compression import format_table
     from tlc.errors import SpecError
 
     path = Path(args.dir) / "report.json"

@@ -244,21 +244,21 @@ def compress(
     original_structure = _structure(original, example)
 
     while not state.stop_reason:
-        state.stop_reason = _stop_before_step(state, config, lin, example, original_structure)
+        state.stop_reason = _stop_before_step(state, config, lin, example)
         if state.stop_reason:
             break
         step = state.step + 1
         torch.manual_seed(_derive(config.seed, step))
         graph = trace(lin, example)
         selection = select(lin, graph, calibration, example, config, progress=progress)
-        record, candidate = _run_step(step, lin, selection, config, train_data, val_data, collate_fn, dev, original,
-                                      example, checkpoints, progress, run_eval, floor, say)
+        record, candidate = _run_step(step, "", lin, selection, config, train_data, val_data, collate_fn, dev,
+                                      original, example, checkpoints, progress, run_eval, floor, say)
         if not record.within_budget and config.retry_single and len(selection.first_unit().sites) < \
                 len(selection.sites) and record.note != "non-finite loss":
             single = selection.first_unit()
             say(f"step {step}: over budget with {len(selection.sites)} sites, retrying with {' + '.join(single.sites)}")
-            record, candidate = _run_step(step, lin, single, config, train_data, val_data, collate_fn, dev, original,
-                                          example, checkpoints, progress, run_eval, floor, say)
+            record, candidate = _run_step(step, "-retry", lin, single, config, train_data, val_data, collate_fn,
+                                          dev, original, example, checkpoints, progress, run_eval, floor, say)
         stop = _stop_after_step(record, config, state.history)
         record.accepted = record.within_budget or (config.continue_past_budget and record.note != "non-finite loss")
         state.history.append(asdict(record))
@@ -282,8 +282,8 @@ def compress(
             teacher=original if config.distill else None, distill=config.distill, progress=progress,
             description="final fine-tune")
     deployed = merge(best, example, policy=config.policy)
-    result = _finish(original, best, deployed, state, config, example, val_data, test_data, run_eval,
-                     latency_batch_sizes, latency_backends, device, start, model_spec, data_spec)
+    result = _finish(original, original_structure, best, deployed, state, config, example, val_data, test_data,
+                     run_eval, latency_batch_sizes, latency_backends, device, start, model_spec, data_spec)
     if out is not None:
         write_outputs(out, result, example)
     return result
@@ -308,8 +308,7 @@ def _start(original: nn.Module, example: ExampleInputs, checkpoints: Path | None
     return state, lin.eval()
 
 
-def _stop_before_step(state: _State, config: TLCConfig, lin: nn.Module, example: ExampleInputs,
-                      original: dict[str, int]) -> str:
+def _stop_before_step(state: _State, config: TLCConfig, lin: nn.Module, example: ExampleInputs) -> str:
     if config.max_steps is not None and state.step >= config.max_steps:
         return f"max_steps ({config.max_steps}) reached"
     remaining = len(trace(lin, example).sites)
@@ -343,7 +342,7 @@ def _stop_on_target(record: StepRecord, config: TLCConfig, original: dict[str, i
     return ""
 
 
-def _run_step(step: int, lin: nn.Module, selection: Selection, config: TLCConfig, train_data: Dataset,
+def _run_step(step: int, attempt: str, lin: nn.Module, selection: Selection, config: TLCConfig, train_data: Dataset,
               val_data: Dataset, collate_fn: Callable | None, dev: torch.device, original: nn.Module,
               example: ExampleInputs, checkpoints: Path | None, progress: bool,
               run_eval: Callable[[nn.Module, Dataset], dict[str, float]], floor: float,
@@ -351,7 +350,7 @@ def _run_step(step: int, lin: nn.Module, selection: Selection, config: TLCConfig
     began = time.perf_counter()
     say(f"step {step}: collapsing {', '.join(selection.sites)} (joint loss gap {selection.joint_gap:+.4f})")
     candidate = linearize(lin, selection.sites, example, selection.masks, policy=config.policy).to(dev)
-    fit_dir = checkpoints / f"fit_{step:03d}" if checkpoints is not None else None
+    fit_dir = checkpoints / f"fit_{step:03d}{attempt}" if checkpoints is not None else None
     result = fit(candidate, train_data, config.finetune, collate_fn=collate_fn, device=dev,
                  seed=_derive(config.seed, step), teacher=original if config.distill else None, distill=config.distill,
                  checkpoint_dir=fit_dir, resume=fit_dir is not None, progress=progress,
@@ -371,9 +370,11 @@ def _run_step(step: int, lin: nn.Module, selection: Selection, config: TLCConfig
         finetune_epochs=float(result.epochs), seconds=time.perf_counter() - began,
         note="" if finite else "non-finite loss",
     )
-    if fit_dir is not None:
+    if fit_dir is not None and fit_dir.is_dir():
         for name in [p.stem.split(".")[0] for p in fit_dir.glob("*.json")]:
             remove_checkpoint(fit_dir, name)
+        if not any(fit_dir.iterdir()):
+            fit_dir.rmdir()
     return record, candidate
 
 
@@ -401,12 +402,12 @@ def _step_line(record: StepRecord, baseline: dict[str, Any]) -> str:
 # ============================================================================ result and outputs
 
 
-def _finish(original: nn.Module, best: nn.Module, deployed: nn.Module, state: _State, config: TLCConfig,
-            example: ExampleInputs, val_data: Dataset, test_data: Dataset | None,
+def _finish(original: nn.Module, original_structure: dict[str, int], best: nn.Module, deployed: nn.Module,
+            state: _State, config: TLCConfig, example: ExampleInputs, val_data: Dataset, test_data: Dataset | None,
             run_eval: Callable[[nn.Module, Dataset], dict[str, float]], batch_sizes: Sequence[int],
             backends: Sequence[str], device: str, start: float, model_spec: dict[str, Any] | None,
             data_spec: str | None) -> CompressionResult:
-    before = {**_structure(original, example), "val_accuracy": state.baseline["accuracy"]}
+    before = {**original_structure, "val_accuracy": state.baseline["accuracy"]}
     after = {**_structure(deployed, example), "val_accuracy": run_eval(deployed, val_data)["accuracy"]}
     if test_data is not None:
         before["test_accuracy"] = run_eval(original, test_data)["accuracy"]
