@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: base-model training, compression runs, side-by-side latency, JSON.
 
-Every benchmark writes under ``runs/bench/<name>/`` (resumable: a finished base model or compression
-run is reused) and a ``summary.json`` that ``benchmarks/results.py`` turns into docs/results.md.
+Every benchmark works under ``runs/bench/<name>/`` (resumable: a finished base model or compression
+run is reused) and writes its ``summary.json`` there and to ``benchmarks/results/<name>.json``, the
+committed copy that ``benchmarks/results.py`` turns into docs/results.md.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tlc.methods.tlc import TLCConfig  # noqa: E402
 from tlc.train import FitConfig, evaluate, fit  # noqa: E402
 
 RUNS = Path(os.environ.get("TLC_BENCH_DIR", "runs/bench"))
+RESULTS = Path(__file__).with_name("results")
 
 
 def machine() -> dict[str, Any]:
@@ -88,9 +90,14 @@ def summary(name: str, base: dict[str, Any], results: dict[str, CompressionResul
             "runs": {preset: r.report for preset, r in results.items()}, **extra}
 
 
-def write_summary(directory: Path, content: dict[str, Any]) -> Path:
-    path = directory / "summary.json"
-    path.write_text(json.dumps(content, indent=2, default=str))
+def write_summary(directory: Path, content: dict[str, Any], suffix: str = "") -> Path:
+    """Write ``content`` as ``directory/summary.json`` and as the committed ``results/<name><suffix>.json``."""
+    text = json.dumps(content, indent=2, default=str) + "\n"
+    if not suffix:
+        (directory / "summary.json").write_text(text)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{directory.name}{suffix}.json"
+    path.write_text(text)
     return path
 
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from common import write_summary
 from safetensors.torch import load_file
 
 import tlc
@@ -59,9 +60,8 @@ def main() -> None:
         rows[size] = {"spearman": spearman(a, b), "top5_overlap": len(top[0] & top[1])}
         print(f"calibration {size}: Spearman {rows[size]['spearman']:.3f}, "
               f"top-5 overlap {rows[size]['top5_overlap']}/5")
-    path = args.run / "ranking.json"
-    path.write_text(json.dumps({"name": summary["name"], "sites": len(graph.sites), "stability": rows}, indent=2))
-    print(f"wrote {path}")
+    content = {"name": summary["name"], "sites": len(graph.sites), "stability": rows}
+    print(f"wrote {write_summary(args.run, content, suffix='-ranking')}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 TQDM_DISABLE=${TQDM_DISABLE:-1}
 
 $PY benchmarks/swin.py --size 112
-$PY benchmarks/nlp.py --preset default --finetune-epochs 1
+$PY benchmarks/nlp.py --preset default --epochs 1 --finetune-epochs 0.5
 $PY benchmarks/vision.py --model resnet18 --width 32 --epochs 10 --finetune-epochs 0.25 --preset both
 $PY benchmarks/ranking_stability.py --run runs/bench/fashion-mnist-resnet18-w32 --sizes 128 1024
 $PY benchmarks/vision.py --model mobilenet_v2 --width 0.5 --epochs 8 --finetune-epochs 0.25 --preset both

@@ -481,6 +481,17 @@ def _csv(value: Any) -> str:
     return f'"{text}"' if ("," in text or " " in text) else text
 
 
+def speed_change(row: dict[str, Any]) -> str:
+    """``x1.46 faster`` (or ``slower``) from a latency row, flagged when the per-round ratios are too
+    spread to tell (their interquartile range holds 1, or spans more than a factor 1.5)."""
+    ratio = row["ratio"]
+    text = f"x{ratio:.2f} faster" if ratio >= 1 else f"x{1 / ratio:.2f} slower"
+    q1, q3 = row.get("ratio_q1"), row.get("ratio_q3")
+    if q1 is not None and q3 is not None and (q1 < 1 < q3 or q3 > 1.5 * q1):
+        text += f" (noisy: ratios {q1:.2f}-{q3:.2f})"
+    return text
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The before/after table of a report (what ``tlc demo`` and ``tlc report`` print)."""
     before, after = report["original"], report["compressed"]
@@ -495,7 +506,7 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append((label, si(before[key]), si(after[key]), f"x{before[key] / max(after[key], 1):.2f} smaller"))
     for row in report["latency"]["rows"]:
         rows.append((f"latency {row['backend']} b{row['batch_size']}", f"{row['a_median_ms']:.2f} ms",
-                     f"{row['b_median_ms']:.2f} ms", f"x{row['ratio']:.2f} faster"))
+                     f"{row['b_median_ms']:.2f} ms", speed_change(row)))
     width = [max(len(r[i]) for r in rows + [("", "original", "compressed", "change")]) for i in range(4)]
     lines = [f"{'':{width[0]}}  {'original':>{width[1]}}  {'compressed':>{width[2]}}  {'change':>{width[3]}}"]
     lines += [f"{a:{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}  {d:>{width[3]}}" for a, b, c, d in rows]
