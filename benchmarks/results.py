@@ -142,9 +142,11 @@ def render(results: Path, out: Path) -> str:
              "| benchmark | preset | top-1 before | after | change (pt) | activations removed | depth | params | MACs "
              "| eager b1 | eager b64 | ORT b1 | ORT b64 | wall time | fine-tune epochs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for summary in summaries:
-        if "runs" in summary:
-            lines += run_rows(summary)
+    runs = [summary for summary in summaries if "runs" in summary]
+    for summary in runs:
+        lines += run_rows(summary)
+    if not runs:
+        lines += ["", "No compression benchmark has finished yet: their summaries are not in benchmarks/results/."]
     lines += ["", "### Base models", ""]
     for summary in summaries:
         if "base" in summary:
