@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tlc
-from tlc.errors import MergeError
+from tlc.errors import MergeError, TraceError
 from tlc.surgery.modules import SiteGate
 from tlc.zoo.cifar import cifar_resnet18
 
@@ -171,3 +171,20 @@ def test_restore_rebuilds_the_training_form_from_its_record():
     assert rel_err(lin(x), rebuilt(x)) < 1e-6
     assert [m.padding for m in rebuilt.modules() if isinstance(m, nn.Conv2d)] == \
         [m.padding for m in lin.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_a_functional_site_in_an_export_only_model_is_refused_with_where_it_is():
+    class ExportOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.nn.functional.relu(self.fc1(x))
+            return self.fc2(h[..., : int(x.shape[-1])])  # int() of a shape: torch.fx cannot trace this
+
+    model, x = ExportOnly(), torch.randn(3, 4)
+    assert tlc.trace(model, x).backend == "export"
+    (site,) = tlc.find_sites(model, x)
+    with pytest.raises(TraceError, match=r"in the forward of ExportOnly\) is a functional activation"):
+        tlc.linearize(model, [site], x)

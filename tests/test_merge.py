@@ -67,8 +67,39 @@ def test_verification_catches_a_wrong_merge(monkeypatch):
         return w * 1.01, b
 
     monkeypatch.setattr(compose, "scale_output_channels", corrupted)
-    with pytest.raises(VerificationError, match="relative error"):
+    with pytest.raises(VerificationError, match="bug in tlc's merge") as caught:
         tlc.merge(model, x)
+    assert "when merged in float64" in str(caught.value)  # the float64 merge is wrong too
+
+
+class _Cancelling(nn.Module):
+    """h = (s*x0 + x1, s*x0), y = h0 - h1 = x1: exact in real arithmetic, but float32 rounds s*x0 + x1
+    to about s*|x0|*6e-8, so the model's own float32 output is off by that much; merged, W2 @ W1 = [0, 1]."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.tensor([[s, 1.0], [s, 0.0]]))
+            self.fc2.weight.copy_(torch.tensor([[1.0, -1.0]]))
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def test_an_ill_conditioned_model_is_refused_as_such_not_as_a_bug():
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(VerificationError, match="ill-conditioned in float32") as caught:
+        tlc.merge(_Cancelling(1e4), x, policy="always")
+    assert "bug" not in str(caught.value)
+    deployed64 = tlc.merge(_Cancelling(1e4).double(), x.double(), policy="always")  # the advice given works
+    assert rel_err(x[:, 1:].double(), deployed64(x.double())) < 1e-12
+
+
+def test_float32_noise_well_below_the_tolerance_is_accepted():
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    deployed = tlc.merge(_Cancelling(4.0), x, policy="always")
+    assert deployed.tlc_report.max_relative_error < 1e-6
 
 
 def test_shared_weights_are_left_unmerged_but_correct():
@@ -152,3 +183,22 @@ def test_block_with_projection_shortcut_folds_into_one_strided_conv():
     convs = [m for m in dep.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 1 and convs[0].stride == (2, 2) and convs[0].kernel_size == (7, 7)
     assert [r.replaces[-1] for r in dep.tlc_report.records] == ["add(add)"]
+
+
+@pytest.mark.parametrize("query", ["ndim", "dim"])
+def test_a_rank_check_between_conv_and_batch_norm_does_not_stop_the_fold(query):
+    class Checked(nn.Module):  # as timm's BatchNormAct2d: torch._assert(x.ndim == 4) before the norm
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            torch._assert((y.ndim if query == "ndim" else y.dim()) == 4, "expected a 4-D input")
+            return self.bn(y)
+
+    model = randomize_bn(Checked()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    deployed = tlc.merge(model, x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    assert rel_err(model(x), deployed(x)) < 1e-5

@@ -210,14 +210,39 @@ def _fx_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     record_shapes(gm, args, kwargs)
+    fold_rank_queries(gm)
     return gm
+
+
+def fold_rank_queries(gm: fx.GraphModule) -> None:
+    """Replace ``x.ndim`` / ``x.dim()`` of traced tensors by the rank seen while tracing (as torch.export
+    does). A rank check such as timm's ``torch._assert(x.ndim == 4)`` would otherwise be a second user of
+    a conv's output and keep the batch norm after it from being folded."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        tensor = node.args[0] if node.args else None
+        if not isinstance(tensor, fx.Node) or tensor.meta.get("tlc_shape") is None:
+            continue
+        is_ndim = node.op == "call_function" and node.target is getattr and node.args[1:] == ("ndim",)
+        is_dim = node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1
+        if is_ndim or is_dim:
+            node.replace_all_uses_with(len(tensor.meta["tlc_shape"]))  # type: ignore[arg-type]
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     from torch.export import Dim, export
 
     def auto(x: Any) -> Any:
-        return {i: Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+        """Every dimension of token ids and masks is dynamic (batch and length); of floating inputs only
+        the batch: dynamic image sizes make torch.export's shape reasoning explode on "same" padding."""
+        if not isinstance(x, torch.Tensor):
+            return None
+        dims = range(x.dim()) if not x.is_floating_point() else range(min(x.dim(), 1))
+        return {i: Dim.AUTO for i in dims}
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     dynamic = {name: tree_map(auto, value) for name, value in bound.arguments.items()}

@@ -156,9 +156,11 @@ def _gate_graph(graph: Graph, chosen: list[Site], masks: dict[str, torch.Tensor]
 def _gate_modules(model: nn.Module, chosen: list[Site], masks: dict[str, torch.Tensor]) -> nn.Module:
     for site in chosen:
         if site.module is None:
+            where = site.name.rpartition(".")[0] or type(model).__name__
             raise TraceError(
-                f"site {site.name} is a functional activation in a model torch.fx cannot trace; tlc can only "
-                "linearize activation modules there")
+                f"site {site.name} (in the forward of {where}) is a functional activation, or a module created "
+                "inside forward, in a model torch.fx cannot trace; tlc can only linearize activation modules "
+                "that are attributes of the model there")
         if "#" in site.name:
             raise TraceError(
                 f"site {site.name}: module '{site.module}' is called several times in a model torch.fx cannot "
