@@ -541,3 +541,11 @@ def test_two_cpu_processes_under_torchrun_end_identical(tmp_path):
         assert r["metrics"]["samples"] == 90
         assert r["metrics"]["accuracy"] == single["accuracy"]
         assert r["metrics"]["loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(("env", "enabled", "disabled"), [("1", True, True), (None, True, False), (None, False, True)])
+def test_progress_bars_follow_the_caller_and_tqdm_disable(env, enabled, disabled):
+    environ = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | ({"TQDM_DISABLE": env} if env else {})
+    code = f"from tlc._progress import progress_bar; print(progress_bar(range(3), enabled={enabled}).disable)"
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(disabled)

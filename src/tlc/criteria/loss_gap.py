@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tlc._inputs import logits
+from tlc._progress import progress_bar
 from tlc.criteria.runner import GraphRunner
 from tlc.graph import Graph
 
@@ -61,8 +61,8 @@ class LossGaps:
         replacements = [self._replacements(c) for c in collapses]
         totals = [0.0] * len(collapses)
         base_total, samples = 0.0, 0
-        batches = tqdm(self.batches, desc=f"ranking {len(collapses)} candidates", leave=False,
-                       disable=not self.progress or not collapses)
+        batches = progress_bar(self.batches, desc=f"ranking {len(collapses)} candidates", leave=False,
+                               enabled=self.progress and bool(collapses))
         for inputs, labels in batches:
             out, env = self.runner.run(inputs)
             base_total += float(self.loss_fn(logits(out), labels))

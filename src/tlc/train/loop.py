@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from tlc._inputs import ExampleInputs, as_call, logits, to_device
+from tlc._progress import progress_bar
 from tlc.errors import SpecError, TLCError
 from tlc.train import distributed
 from tlc.train.checkpoint import (
@@ -217,7 +217,7 @@ def evaluate(
         model.eval()
         batches = itertools.islice(loader, max_batches)
         show = progress and distributed.is_main_process()
-        for inputs, labels in tqdm(batches, total=total, desc="evaluate", disable=not show):
+        for inputs, labels in progress_bar(batches, total=total, desc="evaluate", enabled=show):
             labels = labels.to(device)
             logits = logits_of(model, to_device(inputs, device)).float()
             sums[0] += F.cross_entropy(logits, labels, reduction="sum")
@@ -356,7 +356,8 @@ class _Run:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         bad = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        bar = tqdm(total=steps, desc=f"{description} {epoch + 1}/{self.num_epochs}", unit="batch", disable=not show)
+        bar = progress_bar(total=steps, desc=f"{description} {epoch + 1}/{self.num_epochs}", unit="batch",
+                           enabled=show)
         with bar:
             for i, (inputs, labels) in enumerate(itertools.islice(self._loader(epoch), steps)):
                 loss = self._train_step(inputs, labels).detach()
