@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.nn.utils import skip_init
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
-from tlc._inputs import ExampleInputs, as_call, max_relative_error
+from tlc._inputs import ExampleInputs, max_relative_error, output_tensors, run
 from tlc.errors import MergeError, TLCError, VerificationError
 from tlc.graph import Graph, trace
 from tlc.ops import Kind
@@ -207,10 +207,8 @@ def verify_merge(source: nn.Module, deployed: nn.Module, example_inputs: Example
     the check fails, ``remerge`` builds the deploy form of a float64 copy of ``source`` to tell
     ill-conditioning (the float64 merge is exact) from a bug.
     """
-    args, kwargs = as_call(example_inputs)
-    with torch.no_grad():
-        reference = source(*args, **kwargs)
-        err = max_relative_error(reference, deployed(*args, **kwargs))
+    reference = run(source, example_inputs)
+    err = max_relative_error(reference, run(deployed, example_inputs))
     source64, inputs64 = _float64_copy(source), _float64_inputs(example_inputs)
     reference64 = None if source64 is None else _run_float64(source64, inputs64)
     floor = None if reference64 is None else max_relative_error(reference64, reference)
@@ -220,7 +218,7 @@ def verify_merge(source: nn.Module, deployed: nn.Module, example_inputs: Example
     if reference64 is not None:
         try:
             exact = max_relative_error(reference64, _run_float64(remerge(source64, inputs64), inputs64))
-        except TLCError:
+        except TLCError:  # the float64 copy does not merge: no float64 figure to tell the causes apart
             exact = None
     if exact is None or exact > max(FLOAT64_EXACT, FLOAT64_NOISE_PER_FLOAT32 * (floor or 0.0)):
         raise VerificationError(
@@ -262,13 +260,11 @@ def _float64_inputs(example_inputs: ExampleInputs) -> ExampleInputs:
 def _run_float64(model: nn.Module, inputs: ExampleInputs) -> Any:
     """The float64 output of ``model``, or None when it fails or is not float64 (float32 baked into a
     traced graph, say)."""
-    args, kwargs = as_call(inputs)
     try:
-        with torch.no_grad():
-            out = model(*args, **kwargs)
+        out = run(model, inputs)
     except Exception:  # noqa: BLE001 - any failure means: no float64 reference
         return None
-    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    outputs = output_tensors(out)
     return out if outputs and all(t.dtype == torch.float64 for t in outputs) else None
 
 
