@@ -32,6 +32,20 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
+def first_report(run: Path) -> tuple[dict, str]:
+    """A compression report of the benchmark in ``run`` and the benchmark's name: from summary.json once
+    the benchmark is done, else from the report.json of a finished preset (the name taken from the folder)."""
+    summary_path = run / "summary.json"
+    if summary_path.is_file():
+        content = json.loads(summary_path.read_text())
+        return next(iter(content["runs"].values())), content["name"]
+    reports = sorted(run.glob("*/report.json"))
+    if not reports:
+        raise SystemExit(f"{run} holds neither summary.json nor a finished preset's report.json")
+    report = json.loads(reports[0].read_text())
+    return report, f"{report['data']}/{run.name.removeprefix(report['data'] + '-')}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a benchmark directory with base.safetensors")
@@ -39,8 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    summary = json.loads((args.run / "summary.json").read_text())
-    report = next(iter(summary["runs"].values()))
+    report, name = first_report(args.run)
     model = ModelSpec.from_json(report["model"]).build()
     model.load_state_dict(load_file(str(args.run / "base.safetensors")))
     model.eval()
@@ -60,7 +73,7 @@ def main() -> None:
         rows[size] = {"spearman": spearman(a, b), "top5_overlap": len(top[0] & top[1])}
         print(f"calibration {size}: Spearman {rows[size]['spearman']:.3f}, "
               f"top-5 overlap {rows[size]['top5_overlap']}/5")
-    content = {"name": summary["name"], "sites": len(graph.sites), "stability": rows}
+    content = {"name": name, "sites": len(graph.sites), "stability": rows}
     print(f"wrote {write_summary(args.run, content, suffix='-ranking')}")
 
 

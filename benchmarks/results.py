@@ -75,6 +75,29 @@ def target_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _speed(report: dict[str, Any]) -> float:
+    """The smaller of the eager batch-1 and batch-64 speed-ups: the point a user can count on."""
+    lat = _latency(report)
+    return min(lat[("eager", b)]["ratio"] for b in (1, 64) if ("eager", b) in lat)
+
+
+def preset_comparison_lines(summary: dict[str, Any]) -> list[str]:
+    """The default-against-paper target: an equal or better accuracy and speed point for at most a fifth of
+    the paper preset's fine-tuning compute."""
+    runs = summary["runs"]
+    if not {"default", "paper"} <= set(runs):
+        return []
+    acc = {p: _acc(r["compressed"]) for p, r in runs.items()}
+    speed = {p: _speed(r) for p, r in runs.items()}
+    compute = {p: r["finetune_epochs_total"] for p, r in runs.items()}
+    met = (acc["default"] >= acc["paper"] and speed["default"] >= speed["paper"]
+           and 5 * compute["default"] <= compute["paper"])
+    return [f"- {summary['name']} (default against paper): top-1 {acc['default']:.2f} vs {acc['paper']:.2f}, "
+            f"speed-up x{speed['default']:.2f} vs x{speed['paper']:.2f} (eager, worse of b1/b64), fine-tuning "
+            f"{compute['default']:.2f} vs {compute['paper']:.2f} epochs "
+            f"(target: both at least as good, at most a fifth of the compute): **{'met' if met else 'missed'}**"]
+
+
 def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     """Accuracy against activations removed, one panel per benchmark, default and paper presets."""
     vision = [s for s in summaries if "runs" in s]
@@ -181,6 +204,8 @@ def render(results: Path, out: Path) -> str:
     lines += ["", "## Targets", ""]
     for summary in summaries:
         lines += target_lines(summary)
+        if "runs" in summary:
+            lines += preset_comparison_lines(summary)
     plot = steps_plot(summaries, out)
     if plot is not None:
         lines += ["", "## Accuracy against activations removed", "",

@@ -11,6 +11,7 @@ from torch.utils.data import Subset
 
 import tlc
 from tlc.compression import compress
+from tlc.errors import SpecError
 from tlc.io.recipe import load
 from tlc.methods.tlc import TLCConfig, Unit, _prefixes, official_count, tolerance_count
 from tlc.train import FitConfig
@@ -73,12 +74,74 @@ def test_compress_records_steps_and_returns_an_exact_shallower_model(trained, di
 
 def test_budget_rejects_a_step_and_keeps_the_previous_model(trained, digits):
     model, _ = trained
-    result = _run(model, digits, max_acc_drop=0.0, max_steps=3, retry_single=False,
+    result = _run(model, digits, max_acc_drop=0.0, max_steps=3, retry_single=False, rejection_patience=1,
                   finetune=FitConfig(epochs=0.05, lr=0.5, batch_size=32))
     rejected = [s for s in result.steps if not s.accepted]
     assert rejected and result.stop_reason == "accuracy budget spent"
     assert result.chosen_step == rejected[0].step - 1
     assert result.compressed["val_accuracy"] >= result.original["val_accuracy"] - 1e-9
+
+
+def test_a_rejected_step_sets_its_sites_aside_and_tries_the_next_candidates(trained, digits, monkeypatch):
+    import tlc.compression as engine
+
+    model, _ = trained
+    real_step = engine._run_step
+
+    def over_budget(*args, **kwargs):  # every step misses the budget
+        record, candidate = real_step(*args, **kwargs)
+        record.within_budget = False
+        return record, candidate
+
+    monkeypatch.setattr(engine, "_run_step", over_budget)
+    result = _run(model, digits, max_steps=5, retry_single=False, rejection_patience=2)
+    assert [(s.step, s.accepted) for s in result.steps] == [(1, False), (2, False)]
+    assert result.stop_reason == "accuracy budget spent (2 rejected steps in a row)"
+    assert not set(result.steps[0].sites) & set(result.steps[1].sites)
+    assert result.chosen_step == 0 and result.compressed["activations"] == result.original["activations"]
+
+
+@pytest.mark.parametrize("keep_checkpoints", [False, True])
+def test_after_a_rejected_step_the_next_kept_step_is_the_result(trained, digits, monkeypatch, tmp_path,
+                                                                  keep_checkpoints):
+    import tlc.compression as engine
+
+    model, _ = trained
+    real_step = engine._run_step
+
+    def first_over_budget(step, *args, **kwargs):
+        record, candidate = real_step(step, *args, **kwargs)
+        record.within_budget = step != 1
+        return record, candidate
+
+    monkeypatch.setattr(engine, "_run_step", first_over_budget)
+    result = _run(model, digits, tmp_path / "run" if keep_checkpoints else None, max_steps=2, retry_single=False)
+    assert [(s.step, s.accepted) for s in result.steps] == [(1, False), (2, True)]
+    assert result.chosen_step == 2
+    assert result.compressed["activations"] == result.original["activations"] - len(result.steps[1].sites)
+
+
+def test_a_run_started_before_a_setting_existed_still_resumes(trained, digits, tmp_path):
+    """A checkpoint whose fingerprint lacks a setting added later resumes while that setting is at its default."""
+    model, _ = trained
+    data, train, val = digits
+    out = tmp_path / "run"
+    full = _run(model, digits, out, max_steps=1)
+    for state_file in (out / "checkpoints").glob("step_*.json"):  # as an older tlc wrote them
+        state = json.loads(state_file.read_text())
+        fingerprint = json.loads(state["fingerprint"])
+        del fingerprint["config"]["rejection_patience"]
+        state["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+        state_file.write_text(json.dumps(state))
+
+    def resume(**overrides):
+        return compress(model, train, val, config=dataclasses.replace(FAST, max_steps=1, **overrides),
+                        example_inputs=data.example_inputs(2), out_dir=out, resume=True, progress=False, log=None,
+                        model_spec=None, data_spec="digits")
+
+    assert [s.sites for s in resume().steps] == [s.sites for s in full.steps]
+    with pytest.raises(SpecError, match="other settings"):
+        resume(rejection_patience=3)
 
 
 def test_save_load_round_trip(trained, digits, tmp_path):
@@ -117,6 +180,7 @@ def test_resume_after_an_interruption_gives_the_same_result(trained, digits, tmp
     resumed = compress(model, train, val, config=FAST, example_inputs=data.example_inputs(2), out_dir=tmp_path / "cut",
                        resume=True, progress=False, log=None, model_spec=None, data_spec="digits")
     assert [s.sites for s in resumed.steps] == [s.sites for s in full.steps]
+    assert resumed.report["wall_time_s"] >= sum(s.seconds for s in resumed.steps)  # the time before the cut counts
     for a, b in zip(resumed.training_model.state_dict().values(), full.training_model.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(tlc.SpecError, match="other settings"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -202,3 +204,15 @@ def test_a_rank_check_between_conv_and_batch_norm_does_not_stop_the_fold(query):
     deployed = tlc.merge(model, x)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
     assert rel_err(model(x), deployed(x)) < 1e-5
+
+
+def test_hf_trace_of_a_one_row_example_is_quiet(caplog):
+    """A batch-1 example (how tlc counts sites and MACs) must not make torch.export warn about specializing."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    x = {"input_ids": torch.randint(5, 50, (1, 7)), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    with caplog.at_level(logging.WARNING):
+        assert len(tlc.find_sites(model, x)) == 1
+    assert not [r for r in caplog.records if "specialized" in r.getMessage()]

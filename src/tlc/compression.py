@@ -155,13 +155,30 @@ class _State:
     baseline: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = ""
     fingerprint: str = ""
+    set_aside: list[str] = field(default_factory=list)  # sites of rejected steps, not tried again
+    elapsed_s: float = 0.0  # wall time of the run up to this checkpoint, across resumes
 
 
 def _fingerprint(config: TLCConfig, extra: dict[str, Any]) -> str:
     return json.dumps({"config": asdict(config), **extra}, sort_keys=True, default=str)
 
 
-def _save_state(directory: Path, state: _State, model: nn.Module | None) -> None:
+def _same_run(stored: str, current: str) -> bool:
+    """Whether a checkpoint's fingerprint names this run. Settings that a newer tlc added count as the
+    same when they hold their default, so a run started by an older version still resumes."""
+    if stored == current:
+        return True
+    old, new = json.loads(stored), json.loads(current)
+    defaults = json.loads(json.dumps(asdict(TLCConfig()), default=str))
+    added = set(new["config"]) - set(old["config"])
+    if any(new["config"][k] != defaults[k] for k in added):
+        return False
+    new["config"] = {k: v for k, v in new["config"].items() if k not in added}
+    return old == new
+
+
+def _save_state(directory: Path, state: _State, model: nn.Module | None, start: float) -> None:
+    state.elapsed_s = time.perf_counter() - start
     tensors = {k: v for k, v in model.state_dict().items()} if model is not None else {}
     save_checkpoint(directory, f"{CHECKPOINT_PREFIX}{state.step:03d}", tensors=tensors, state=asdict(state))
 
@@ -172,7 +189,7 @@ def _load_state(directory: Path, fingerprint: str) -> tuple[_State, dict[str, to
         return None
     tensors, raw, _ = load_checkpoint(directory, name)
     state = _State(**raw)
-    if state.fingerprint != fingerprint:
+    if not _same_run(state.fingerprint, fingerprint):
         raise SpecError(f"cannot resume from {directory}: it was started with other settings, model or data; "
                         "use another --out directory or the same options")
     return state, tensors
@@ -234,12 +251,13 @@ def compress(
         return evaluate(net, data, collate_fn=collate_fn, batch_size=256, device=dev)
 
     state, lin = _start(original, example, checkpoints, resume, fingerprint, say)
+    start -= state.elapsed_s or sum(h["seconds"] for h in state.history)  # older checkpoints: the steps' time
     if not state.baseline:
         state.baseline = run_eval(original, val_data)
         state.fingerprint = fingerprint
         say(f"original: validation accuracy {100 * state.baseline['accuracy']:.2f}%")
         if checkpoints is not None:
-            _save_state(checkpoints, state, None)
+            _save_state(checkpoints, state, None, start)
     floor = state.baseline["accuracy"] - config.max_acc_drop / 100.0
     original_structure = _structure(original, example)
 
@@ -250,7 +268,7 @@ def compress(
         step = state.step + 1
         torch.manual_seed(_derive(config.seed, step))
         graph = trace(lin, example)
-        selection = select(lin, graph, calibration, example, config, progress=progress)
+        selection = select(lin, graph, calibration, example, config, progress=progress, exclude=state.set_aside)
         record, candidate = _run_step(step, "", lin, selection, config, train_data, val_data, collate_fn, dev,
                                       original, example, checkpoints, progress, run_eval, floor, say)
         if not record.within_budget and config.retry_single and len(selection.first_unit().sites) < \
@@ -262,18 +280,20 @@ def compress(
         stop = _stop_after_step(record, config, state.history)
         record.accepted = record.within_budget or (config.continue_past_budget and record.note != "non-finite loss")
         state.history.append(asdict(record))
+        set_aside = [] if record.accepted or stop else record.sites
+        state.set_aside += set_aside
+        state.step = step  # a rejected step is recorded too; its weights are not kept
         if record.accepted:
             lin = candidate
-            state.step = step
             state.record = dict(lin._tlc_record)
             if record.within_budget:
                 state.best_step, state.best_record = step, dict(lin._tlc_record)
         state.stop_reason = stop or _stop_on_target(record, config, original_structure)
         if checkpoints is not None:
-            if not record.accepted:
-                state.step = step  # the rejected step is recorded; its weights are not kept
-            _save_state(checkpoints, state, lin)
+            _save_state(checkpoints, state, lin, start)
         say(_step_line(record, state.baseline))
+        if set_aside:
+            say(f"step {step}: {', '.join(set_aside)} set aside; trying the next candidates")
 
     best = _best_training_form(original, lin, state, example, checkpoints)
     if config.final_finetune_epochs > 0 and state.best_step > 0:
@@ -311,9 +331,12 @@ def _start(original: nn.Module, example: ExampleInputs, checkpoints: Path | None
 def _stop_before_step(state: _State, config: TLCConfig, lin: nn.Module, example: ExampleInputs) -> str:
     if config.max_steps is not None and state.step >= config.max_steps:
         return f"max_steps ({config.max_steps}) reached"
-    remaining = len(trace(lin, example).sites)
+    names = [s.name for s in trace(lin, example).sites]
+    remaining = len(names)
     if remaining <= config.min_activations:
         return "no activation left to collapse" if remaining == 0 else f"{remaining} activation(s) left"
+    if all(n in state.set_aside for n in names):
+        return f"no candidate left: the {remaining} remaining activation(s) failed the budget once"
     return ""
 
 
@@ -323,7 +346,9 @@ def _stop_after_step(record: StepRecord, config: TLCConfig, history: list[dict[s
     if config.stop_accuracy is not None and record.val_accuracy < config.stop_accuracy:
         return f"validation accuracy below {100 * config.stop_accuracy:.0f}%"
     if not record.within_budget and not config.continue_past_budget:
-        return "accuracy budget spent"
+        in_a_row = 1 + next((i for i, h in enumerate(reversed(history)) if h["accepted"]), len(history))
+        if in_a_row >= config.rejection_patience:
+            return "accuracy budget spent" + (f" ({in_a_row} rejected steps in a row)" if in_a_row > 1 else "")
     patience = config.budget_patience
     if not record.within_budget and patience is not None:
         recent = [h["within_budget"] for h in history[-(patience - 1):]] if patience > 1 else []
@@ -382,7 +407,8 @@ def _best_training_form(original: nn.Module, lin: nn.Module, state: _State, exam
                         checkpoints: Path | None) -> nn.Module:
     if state.best_step == 0:
         return original
-    if state.best_step == state.step and state.best_record == state.record:
+    last_kept = max((h["step"] for h in state.history if h["accepted"]), default=0)
+    if state.best_step == last_kept:  # `lin` is the model of the last kept step
         return lin
     if checkpoints is None:
         raise TLCError("the best step is not the last one and no checkpoints were kept; pass out_dir")

@@ -238,11 +238,12 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
 
     def auto(x: Any) -> Any:
         """Every dimension of token ids and masks is dynamic (batch and length); of floating inputs only
-        the batch: dynamic image sizes make torch.export's shape reasoning explode on "same" padding."""
+        the batch: dynamic image sizes make torch.export's shape reasoning explode on "same" padding.
+        Dimensions of size 1 stay static: torch.export specializes them anyway, with a warning."""
         if not isinstance(x, torch.Tensor):
             return None
         dims = range(x.dim()) if not x.is_floating_point() else range(min(x.dim(), 1))
-        return {i: Dim.AUTO for i in dims}
+        return {i: Dim.AUTO for i in dims if x.shape[i] > 1}
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     dynamic = {name: tree_map(auto, value) for name, value in bound.arguments.items()}

@@ -52,6 +52,8 @@ class TLCConfig:
     continue_past_budget: bool = False  # keep going after the budget is spent (result: best within budget)
     budget_patience: int | None = None  # with continue_past_budget: stop after this many steps over budget in a row
     retry_single: bool = True  # a rejected multi-site step is retried with its best site alone
+    rejection_patience: int = 2  # stop after this many rejected steps in a row; a rejected step's sites are
+    # set aside and the next-best candidates are tried from the last accepted model (1: stop at the first)
     latency_repeats: int = 20
     seed: int = 0
 
@@ -64,6 +66,8 @@ class TLCConfig:
             raise ValueError("max_acc_drop must be >= 0 (points of accuracy)")
         if self.max_sites_per_step < 1:
             raise ValueError("max_sites_per_step must be >= 1")
+        if self.rejection_patience < 1:
+            raise ValueError("rejection_patience must be >= 1 (1 stops at the first rejected step)")
 
     @classmethod
     def paper(cls, **overrides: Any) -> TLCConfig:
@@ -197,9 +201,11 @@ def tolerance_count(joint: list[float], tolerance: float) -> int:
 
 
 def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]],
-           example_inputs: ExampleInputs, config: TLCConfig, progress: bool = False) -> Selection:
-    """Rank the remaining sites of ``model`` (traced as ``graph``) and choose this step's collapse."""
-    masks = site_masks(graph, calibration)
+           example_inputs: ExampleInputs, config: TLCConfig, progress: bool = False,
+           exclude: Sequence[str] = ()) -> Selection:
+    """Rank the remaining sites of ``model`` (traced as ``graph``), except those in ``exclude`` (set aside
+    after a rejected step), and choose this step's collapse."""
+    masks = {n: m for n, m in site_masks(graph, calibration).items() if n not in exclude}
     ranking = LossGaps(graph, calibration, progress=progress)
     gaps = ranking.single_gaps(masks)
 
@@ -210,7 +216,7 @@ def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torc
     units = [Unit((n,), 0.0, g) for n, g in gaps.items()]
     if config.latency_aware:
         savings = collapse_savings(model, graph, masks, example_inputs, config.policy)
-        pairs = [u for u in savings if len(u) > 1]
+        pairs = [u for u in savings if len(u) > 1 and all(n in masks for n in u)]
         units = [Unit((n,), savings[(n,)], g) for n, g in gaps.items()]
         units += [Unit(p, savings[p], g) for p, g in zip(pairs, joint_gaps([list(p) for p in pairs]))]
     order = order_units(units, config.latency_aware, config.gap_tolerance)
