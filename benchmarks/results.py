@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,9 @@ def machine_line(summaries: list[dict[str, Any]]) -> str:
     """The machine the summaries were measured on, with the torch threads of each benchmark when they differ."""
     machine = summaries[0]["machine"]
     threads = {s["name"]: s["machine"]["threads"] for s in summaries}
-    thread_text = (f"{machine['threads']} threads" if len(set(threads.values())) == 1 else
-                   "torch threads " + ", ".join(f"{n}: {t}" for n, t in threads.items()))
+    usual = Counter(threads.values()).most_common(1)[0][0]
+    others = ", ".join(f"{n}: {t}" for n, t in threads.items() if t != usual)
+    thread_text = f"{usual} torch thread(s)" + (f" ({others})" if others else "")
     return (f"Machine: {machine['cpu']}, {thread_text}, torch {machine['torch']}, Python {machine['python']}, "
             f"tlc {machine['tlc']}" + (f", GPU {machine['cuda']}" if machine.get("cuda") else ", no GPU") + ".")
 

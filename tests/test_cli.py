@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tlc.cli import main
+from tlc.methods.tlc import TLCConfig
 
 
 def _error(capsys, argv):
@@ -60,3 +61,14 @@ def test_argument_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["compress", "--model", "tlc:cifar_resnet18"])
     assert exc.value.code == 2
+
+
+def test_compress_options_reach_the_tlc_config():
+    from tlc.cli import _config, _parser
+
+    args = _parser().parse_args(["compress", "--model", "tlc:tiny_cnn", "--data", "digits", "--out", "x",
+                                 "--rejection-patience", "1", "--gap-tolerance", "0.5", "--preset", "paper"])
+    config = _config(args)
+    assert (config.rejection_patience, config.gap_tolerance) == (1, 0.5)
+    assert config.finetune.epochs == TLCConfig.paper().finetune.epochs
+    assert _config(_parser().parse_args(["compress", "--model", "m", "--data", "d", "--out", "x"])) == TLCConfig()

@@ -32,6 +32,8 @@ def _add_compress_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=["macs", "always", "never"], help="merge policy (default macs)")
     p.add_argument("--calibration-size", type=int, help="samples used to rank sites")
     p.add_argument("--gap-tolerance", type=float, help="joint loss gap allowed in one step")
+    p.add_argument("--rejection-patience", type=int, metavar="N",
+                   help="stop after N rejected steps in a row (default 2; 1 stops at the first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -107,7 +109,7 @@ def _config(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = dict(finetune=finetune, max_acc_drop=args.max_acc_drop, seed=args.seed,
                                      max_steps=args.max_steps, target_macs_ratio=args.target_macs_ratio,
                                      target_speedup=args.target_speedup)
-    for name in ("policy", "calibration_size", "gap_tolerance", "final_finetune_epochs"):
+    for name in ("policy", "calibration_size", "gap_tolerance", "final_finetune_epochs", "rejection_patience"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.distill:
