@@ -7,12 +7,9 @@ PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 TQDM_DISABLE=${TQDM_DISABLE:-1}
 
 $PY benchmarks/swin.py --size 112
-$PY benchmarks/vision.py --model resnet18 --width 16 --epochs 5 --finetune-epochs 0.25 --preset default --threads 1
 $PY benchmarks/vision.py --model mobilenet_v2 --width 0.25 --epochs 3 --finetune-epochs 0.5 --preset default --threads 1
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 5 --finetune-epochs 0.25 --preset default --threads 1
+$PY benchmarks/nlp.py --preset default --epochs 1 --finetune-epochs 0.25 --threads 1
+$PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 0.25 --preset both --threads 1
+$PY benchmarks/ranking_stability.py --run runs/bench/fashion-mnist-resnet18-w16 --sizes 128 1024 --threads 1
 $PY benchmarks/results.py
-
-# Not in docs/results.md yet (each takes hours on 2 CPU cores):
-#   $PY benchmarks/vision.py --model resnet18 --width 32 --epochs 10 --finetune-epochs 0.25 --preset both
-#   $PY benchmarks/ranking_stability.py --run runs/bench/fashion-mnist-resnet18-w32 --sizes 128 1024
-#   $PY benchmarks/vision.py --model vgg16_bn --width 32 --epochs 8 --finetune-epochs 0.25 --preset both
-#   $PY benchmarks/nlp.py --preset default --epochs 1 --finetune-epochs 0.5
