@@ -100,7 +100,8 @@ def preset_comparison_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
-    """Accuracy against activations removed, one panel per benchmark, default and paper presets."""
+    """Accuracy against activations removed, one panel per benchmark, default and paper presets; rejected steps
+    as open markers."""
     vision = [s for s in summaries if "runs" in s]
     if not vision:
         return None
@@ -116,7 +117,11 @@ def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
             xs = [0] + [total - s["activations"] for s in report["steps"] if s["accepted"]]
             ys = [100 * report["original"]["val_accuracy"]] + [100 * s["val_accuracy"]
                                                               for s in report["steps"] if s["accepted"]]
-            ax.plot(xs, ys, marker="o", label=f"{preset} ({report['finetune_epochs_total']:.1f} ft epochs)")
+            line, = ax.plot(xs, ys, marker="o", label=f"{preset} ({report['finetune_epochs_total']:.1f} ft epochs)")
+            rejected = [s for s in report["steps"] if not s["accepted"]]
+            if rejected:  # tried from the last kept model, not kept
+                ax.scatter([total - s["activations"] for s in rejected], [100 * s["val_accuracy"] for s in rejected],
+                           facecolors="none", edgecolors=line.get_color(), label=f"{preset}: rejected steps")
         budget = 100 * next(iter(summary["runs"].values()))["original"]["val_accuracy"] - 1.0
         ax.axhline(budget, color="grey", linestyle="--", linewidth=1, label="budget (-1 pt)")
         ax.set_title(summary["name"])
