@@ -188,8 +188,11 @@ def test_resume_after_an_interruption_gives_the_same_result(trained, digits, tmp
                  out_dir=tmp_path / "cut", resume=True, progress=False, log=None, data_spec="digits")
 
 
-def test_bert_path_measures_gelu_statistics_and_merges_the_ffn(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BERT trained briefly on a separable word-list task (traced by torch.export)."""
     transformers = pytest.importorskip("transformers")
+    tmp_path = tmp_path_factory.mktemp("bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -207,11 +210,39 @@ def test_bert_path_measures_gelu_statistics_and_merges_the_ffn(tmp_path):
     model = transformers.BertForSequenceClassification(cfg)
     tlc.train.fit(model, data.train, FitConfig(epochs=3, lr=1e-3, optimizer="adamw", batch_size=16),
                   collate_fn=data.collate_fn, progress=False)
+    return model.eval(), data
+
+
+def test_bert_path_measures_gelu_statistics_and_merges_the_ffn(tiny_bert):
+    model, data = tiny_bert
     config = dataclasses.replace(FAST, max_steps=1, calibration_size=24)
-    result = compress(model.eval(), data.train, data.val, config=config, collate_fn=data.collate_fn,
+    result = compress(model, data.train, data.val, config=config, collate_fn=data.collate_fn,
                       example_inputs=data.example_inputs(2), progress=False, log=None)
     assert result.steps[0].sites[0].endswith("intermediate.intermediate_act_fn")
     assert result.compressed["depth"] < result.original["depth"]
+
+
+def test_a_set_aside_site_of_an_exported_model_stays_out_of_the_next_ranking(tiny_bert, monkeypatch):
+    """torch.export-traced models leave no gate node for a site that is not linearized: the savings of the
+    step after a rejected one must not look one up for the set-aside site."""
+    import tlc.compression as engine
+
+    model, data = tiny_bert
+    real_step = engine._run_step
+
+    def over_budget(*args, **kwargs):
+        record, candidate = real_step(*args, **kwargs)
+        record.within_budget = False
+        return record, candidate
+
+    monkeypatch.setattr(engine, "_run_step", over_budget)
+    config = dataclasses.replace(FAST, max_steps=3, calibration_size=24, max_sites_per_step=1, retry_single=False,
+                                 rejection_patience=2)
+    result = compress(model, data.train, data.val, config=config, collate_fn=data.collate_fn,
+                      example_inputs=data.example_inputs(2), progress=False, log=None)
+    assert [len(s.sites) for s in result.steps] == [1, 1]
+    assert result.steps[0].sites != result.steps[1].sites
+    assert result.stop_reason == "accuracy budget spent (2 rejected steps in a row)"
 
 
 def test_distillation_from_the_original_runs(trained, digits):

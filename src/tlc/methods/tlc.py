@@ -123,8 +123,9 @@ def collapse_savings(model: nn.Module, graph: Graph, masks: dict[str, torch.Tens
                      policy: str) -> dict[tuple[str, ...], float]:
     """Fraction of the current (planned) deploy MACs that collapsing each site saves once merged, and
     each pair of adjacent sites whose joint collapse saves more than the two alone (the two
-    activations of an inverted residual only pay together)."""
-    names = [s.name for s in graph.sites]
+    activations of an inverted residual only pay together). Only the sites in ``masks`` are
+    candidates; the others (set aside) stay activations."""
+    names = [s.name for s in graph.sites if s.name in masks]
     everything = trace(linearize(model, names, example_inputs, masks, exact=False, policy=policy), example_inputs)
     gates = gate_nodes(everything)
 
@@ -138,6 +139,8 @@ def collapse_savings(model: nn.Module, graph: Graph, masks: dict[str, torch.Tens
     scale = max(now, 1)
     savings: dict[tuple[str, ...], float] = {(n,): max(now - cost({n}), 0) / scale for n in names}
     for a, b in adjacent_sites(graph):
+        if a not in masks or b not in masks:
+            continue
         pair = max(now - cost({a, b}), 0) / scale
         if pair > savings[(a,)] + savings[(b,)] + 1e-12:
             savings[(a, b)] = pair
