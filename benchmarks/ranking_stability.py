@@ -1,9 +1,10 @@
 """Is TLC's ranking stable between two samples of calibration data? (default size: 1024)
 
-    python benchmarks/ranking_stability.py --run runs/bench/fashion-mnist-resnet18-w32 --sizes 128 1024
+    python benchmarks/ranking_stability.py --run runs/bench/fashion-mnist-resnet18-w16 --sizes 128 1024
 
-Loads a benchmark's trained base model, measures every site's loss gap on calibration sets drawn with
-two seeds, and reports the Spearman rank correlation and the overlap of the five best sites.
+Loads a benchmark's trained base model (image or text: Hugging Face models get their tokenizer),
+measures every site's loss gap on calibration sets drawn with two seeds, and reports the Spearman rank
+correlation and the overlap of the five best sites.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tlc.compression import calibration_batches
 from tlc.criteria.loss_gap import LossGaps
 from tlc.methods.tlc import TLCConfig, site_masks
 from tlc.zoo.data import load_data
-from tlc.zoo.models import ModelSpec
+from tlc.zoo.models import ModelSpec, load_tokenizer
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -51,13 +52,16 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a benchmark directory with base.safetensors")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=64, help="token length of text data (nlp.py's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report, name = first_report(args.run)
     model = ModelSpec.from_json(report["model"]).build()
     model.load_state_dict(load_file(str(args.run / "base.safetensors")))
     model.eval()
-    data = load_data(report["data"], seed=0)
+    spec = report["model"]["spec"]
+    tokenizer = load_tokenizer(spec) if spec.startswith("hf:") else None
+    data = load_data(report["data"], seed=0, tokenizer=tokenizer, max_length=args.max_length)
     example = data.example_inputs(2)
     graph = tlc.trace(model, example)
     rows = {}

@@ -175,7 +175,8 @@ def render(results: Path, out: Path) -> str:
              "## Compression runs", "",
              "Top-1 on the test split (before/after), activations removed out of the total, depth (weight layers on "
              "the longest path), params, MACs (batch 1), latency ratio original/compressed measured side by side "
-             "(interleaved), wall time of the whole compression, fine-tuning compute in epochs.", "",
+             "(interleaved), wall time of the whole compression, fine-tuning compute in epochs. A suffix after the "
+             "model (`-ft1`) names a variant run with `--tag`; its command is listed above.", "",
              "| benchmark | preset | top-1 before | after | change (pt) | activations removed | depth | params | MACs "
              "| eager b1 | eager b64 | ORT b1 | ORT b64 | wall time | fine-tune epochs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

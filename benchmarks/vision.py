@@ -6,7 +6,8 @@ Fashion-MNIST (60k train, of which 6k validation, 10k test) is zero-padded to 32
 base recipe: SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 128, random crop (pad 4) and
 horizontal flip, ``--epochs`` epochs. Compression: default preset with ``--finetune-epochs`` per step;
 the paper preset with five times as many per step (full retraining, step schedule), both stopping as
-documented in docs/results.md. Resumable: rerun the same command after an interruption.
+documented in docs/results.md. ``--tag`` names a variant (other fine-tuning settings) that shares the
+trained base model. Resumable: rerun the same command after an interruption.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tag", default="", help="names a variant: runs in <preset><tag>/, results in "
+                        "<name><tag>.json, the base model shared")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -69,12 +72,12 @@ def main() -> None:
     print(f"base {name}: val {100 * base['val_accuracy']:.2f}%, test {100 * base['test_accuracy']:.2f}%")
     results, baselines = {}, {}
     for preset, config in configs(args).items():
-        result = run(model, data, config, directory / preset, spec=spec, device=args.device)
+        result = run(model, data, config, directory / f"{preset}{args.tag}", spec=spec, device=args.device)
         results[preset] = result
         baselines[preset] = folded_baseline(model.eval(), result.model, data.example_inputs(2), (1, 64))
         print(headline(result.report))
-    path = write_summary(directory, summary(f"fashion-mnist/{name}", base, results,
-                                            {"vs_bn_folded": baselines, "args": vars(args)}))
+    content = summary(f"fashion-mnist/{name}{args.tag}", base, results, {"vs_bn_folded": baselines, "args": vars(args)})
+    path = write_summary(directory, content, suffix=args.tag)
     print(json.dumps({p: r.report["compressed"] for p, r in results.items()}, indent=1))
     print(f"wrote {path}")
 
