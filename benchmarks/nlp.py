@@ -6,7 +6,8 @@
 The fixed split of tlc.zoo.data's `rotten-tomatoes` (80/10/10 after a seed-0 shuffle) is used. Base:
 AdamW lr 5e-5, 3 epochs, batch 32, max length 64. Compression: the default TLC preset with one
 epoch of fine-tuning per step (AdamW 2e-5); GELU statistics come from the measured pre-activations
-(padding tokens excluded). Resumable.
+(padding tokens excluded). ``--target-speedup`` stops at the first kept step that fast; ``--tag`` names
+such a variant, which shares the base model. Resumable.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def main() -> None:
     parser.add_argument("--max-acc-drop", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--target-speedup", type=float, help="stop once a kept step is this much faster (batch 1)")
+    parser.add_argument("--tag", default="", help="names a variant: runs in <preset><tag>/, results in "
+                        "rotten-tomatoes-minilm<tag>.json, the base model shared")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -46,18 +50,18 @@ def main() -> None:
                          schedule="cosine", batch_size=32)
     presets = {
         "default": TLCConfig(max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=512,
-                             calibration_batch_size=32, finetune=finetune),
+                             calibration_batch_size=32, finetune=finetune, target_speedup=args.target_speedup),
         "paper": TLCConfig.paper(max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_batch_size=32,
-                                 budget_patience=2, finetune=FitConfig(
+                                 budget_patience=2, target_speedup=args.target_speedup, finetune=FitConfig(
                                      epochs=3.0, optimizer="adamw", lr=2e-5, weight_decay=0.01, schedule="constant",
                                      batch_size=32)),
     }
     chosen = presets if args.preset == "both" else {args.preset: presets[args.preset]}
-    results = {p: run(model, data, c, directory / p, spec=spec) for p, c in chosen.items()}
+    results = {p: run(model, data, c, directory / f"{p}{args.tag}", spec=spec) for p, c in chosen.items()}
     for result in results.values():
         print(headline(result.report))
-    content = summary("rotten-tomatoes/MiniLM-L6", base, results, {"args": vars(args)})
-    print(f"wrote {write_summary(directory, content)}")
+    content = summary(f"rotten-tomatoes/MiniLM-L6{args.tag}", base, results, {"args": vars(args)})
+    print(f"wrote {write_summary(directory, content, suffix=args.tag)}")
 
 
 if __name__ == "__main__":
