@@ -100,8 +100,8 @@ def preset_comparison_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
-    """Accuracy against activations removed, one panel per benchmark, default and paper presets; rejected steps
-    as open markers."""
+    """Accuracy against activations removed, one panel per benchmark (three to a row), default and paper
+    presets; rejected steps as open markers."""
     vision = [s for s in summaries if "runs" in s]
     if not vision:
         return None
@@ -110,8 +110,12 @@ def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(vision), figsize=(5 * len(vision), 4), squeeze=False)
-    for ax, summary in zip(axes[0], vision):
+    cols = min(len(vision), 3)
+    rows = -(-len(vision) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(vision):]:
+        ax.set_visible(False)
+    for ax, summary in zip(axes.flat, vision):
         for preset, report in summary["runs"].items():
             total = report["original"]["activations"]
             xs = [0] + [total - s["activations"] for s in report["steps"] if s["accepted"]]
@@ -176,7 +180,7 @@ def render(results: Path, out: Path) -> str:
              "Top-1 on the test split (before/after), activations removed out of the total, depth (weight layers on "
              "the longest path), params, MACs (batch 1), latency ratio original/compressed measured side by side "
              "(interleaved), wall time of the whole compression, fine-tuning compute in epochs. A suffix after the "
-             "model (`-ft1`) names a variant run with `--tag`; its command is listed above.", "",
+             "model (such as `-ft1`) names a variant run with `--tag`; its command is listed above.", "",
              "| benchmark | preset | top-1 before | after | change (pt) | activations removed | depth | params | MACs "
              "| eager b1 | eager b64 | ORT b1 | ORT b64 | wall time | fine-tune epochs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
