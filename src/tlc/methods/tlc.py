@@ -219,7 +219,7 @@ def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torc
     units = [Unit((n,), 0.0, g) for n, g in gaps.items()]
     if config.latency_aware:
         savings = collapse_savings(model, graph, masks, example_inputs, config.policy)
-        pairs = [u for u in savings if len(u) > 1 and all(n in masks for n in u)]
+        pairs = [u for u in savings if len(u) > 1]
         units = [Unit((n,), savings[(n,)], g) for n, g in gaps.items()]
         units += [Unit(p, savings[p], g) for p, g in zip(pairs, joint_gaps([list(p) for p in pairs]))]
     order = order_units(units, config.latency_aware, config.gap_tolerance)
