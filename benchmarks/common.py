@@ -90,13 +90,34 @@ def summary(name: str, base: dict[str, Any], results: dict[str, CompressionResul
             "runs": {preset: r.report for preset, r in results.items()}, **extra}
 
 
+def _with_other_presets(content: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``content`` plus the runs of presets it lacks from the summary at ``path``, when that summary was
+    made from the same base model: running one preset then updates only that preset's entry."""
+    if not path.is_file():
+        return content
+    earlier = json.loads(path.read_text())
+    same_base = all(earlier.get("base", {}).get(k) == content["base"].get(k)
+                    for k in ("recipe", "seed", "val_accuracy", "test_accuracy"))
+    if not same_base:
+        print(f"{path}: made from another base model; its other presets are not kept")
+        return content
+    merged = {**content, "runs": {**earlier["runs"], **content["runs"]}}
+    if "vs_bn_folded" in content:
+        merged["vs_bn_folded"] = {**earlier.get("vs_bn_folded", {}), **content["vs_bn_folded"]}
+    earlier_args = earlier.get("args_by_preset") or {preset: earlier.get("args") for preset in earlier["runs"]}
+    merged["args_by_preset"] = {**earlier_args, **{preset: content.get("args") for preset in content["runs"]}}
+    return merged
+
+
 def write_summary(directory: Path, content: dict[str, Any], suffix: str = "") -> Path:
-    """Write ``content`` as ``directory/summary.json`` and as the committed ``results/<name><suffix>.json``."""
+    """Write ``content`` as ``directory/summary.json`` and as the committed ``results/<name><suffix>.json``,
+    keeping the entries of the presets not run this time (see :func:`_with_other_presets`)."""
+    path = RESULTS / f"{directory.name}{suffix}.json"
+    content = _with_other_presets(content, path)
     text = json.dumps(content, indent=2, default=str) + "\n"
     if not suffix:
         (directory / "summary.json").write_text(text)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{directory.name}{suffix}.json"
     path.write_text(text)
     return path
 

@@ -189,6 +189,11 @@ def render(results: Path, out: Path) -> str:
         lines += run_rows(summary)
     if not runs:
         lines += ["", "No compression benchmark has finished yet: their summaries are not in benchmarks/results/."]
+    lines += ["", "### How each run ended", ""]
+    for summary in runs:
+        for preset, report in summary["runs"].items():
+            lines.append(f"- {summary['name']} ({preset}): {len(report['steps'])} step(s), chose step "
+                         f"{report['chosen_step']}; stopped: {report['stop_reason']}")
     lines += ["", "### Base models", ""]
     for summary in summaries:
         if "base" in summary:

@@ -7,7 +7,8 @@ base recipe: SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 128, ran
 horizontal flip, ``--epochs`` epochs. Compression: default preset with ``--finetune-epochs`` per step;
 the paper preset with five times as many per step (full retraining, step schedule), both stopping as
 documented in docs/results.md. ``--tag`` names a variant (other fine-tuning settings) that shares the
-trained base model. Resumable: rerun the same command after an interruption.
+trained base model. Resumable: rerun the same command after an interruption. Running one preset
+updates only its entry in the results JSON.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def configs(args: argparse.Namespace) -> dict[str, TLCConfig]:
         finetune=FitConfig(epochs=args.finetune_epochs, lr=0.01, schedule="cosine", batch_size=128),
     )
     paper = TLCConfig.paper(
-        max_acc_drop=args.max_acc_drop, seed=args.seed, budget_patience=2,
+        max_acc_drop=args.max_acc_drop, seed=args.seed, budget_patience=2, max_steps=args.paper_max_steps,
         finetune=FitConfig(epochs=5 * args.finetune_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
                            schedule="step", milestones=(0.5, 0.75), gamma=0.1, batch_size=128),
     )
@@ -55,6 +56,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--paper-max-steps", type=int, help="end the paper preset after this many steps (it "
+                        "otherwise runs until one activation is left or two steps in a row miss the budget); "
+                        "may be set when resuming")
     parser.add_argument("--tag", default="", help="names a variant: runs in <preset><tag>/, results in "
                         "<name><tag>.json, the base model shared")
     args = parser.parse_args()

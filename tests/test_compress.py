@@ -144,6 +144,29 @@ def test_a_run_started_before_a_setting_existed_still_resumes(trained, digits, t
         resume(rejection_patience=3)
 
 
+def test_a_resumed_run_may_change_only_when_it_stops(trained, digits, tmp_path):
+    """A run that reached max_steps goes on when resumed with a higher limit (other stopping rules may
+    change too) and ends as an uninterrupted run; a setting that changes the steps is still refused."""
+    model, _ = trained
+    straight = _run(model, digits, tmp_path / "straight", max_steps=2)
+    assert _run(model, digits, tmp_path / "cut", max_steps=1).stop_reason == "max_steps (1) reached"
+    data, train, val = digits
+
+    def resume(**overrides):
+        return compress(model, train, val, config=dataclasses.replace(FAST, **overrides), out_dir=tmp_path / "cut",
+                        example_inputs=data.example_inputs(2), resume=True, progress=False, log=None,
+                        model_spec=None, data_spec="digits")
+
+    resumed = resume(max_steps=2, stop_accuracy=0.01, budget_patience=3)
+    assert [s.sites for s in resumed.steps] == [s.sites for s in straight.steps]
+    assert resumed.stop_reason == "max_steps (2) reached"
+    for a, b in zip(resumed.training_model.state_dict().values(), straight.training_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert len(resume(max_steps=1).steps) == 2  # a lower limit ends the run where it is; done steps stay
+    with pytest.raises(SpecError, match="other settings"):
+        resume(max_steps=3, gap_tolerance=0.5)
+
+
 def test_save_load_round_trip(trained, digits, tmp_path):
     model, spec = trained
     data, train, val = digits

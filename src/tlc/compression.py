@@ -163,9 +163,16 @@ def _fingerprint(config: TLCConfig, extra: dict[str, Any]) -> str:
     return json.dumps({"config": asdict(config), **extra}, sort_keys=True, default=str)
 
 
+# Settings that only decide when the run ends: a resumed run may change them (stop a long run early, or
+# let one that reached max_steps go on), since the steps already done do not depend on them.
+STOP_SETTINGS = ("max_steps", "target_macs_ratio", "target_speedup", "stop_accuracy", "min_activations",
+                 "budget_patience", "final_finetune_epochs")
+
+
 def _same_run(stored: str, current: str) -> bool:
     """Whether a checkpoint's fingerprint names this run. Settings that a newer tlc added count as the
-    same when they hold their default, so a run started by an older version still resumes."""
+    same when they hold their default, so a run started by an older version still resumes; the
+    :data:`STOP_SETTINGS` may differ."""
     if stored == current:
         return True
     old, new = json.loads(stored), json.loads(current)
@@ -173,7 +180,8 @@ def _same_run(stored: str, current: str) -> bool:
     added = set(new["config"]) - set(old["config"])
     if any(new["config"][k] != defaults[k] for k in added):
         return False
-    new["config"] = {k: v for k, v in new["config"].items() if k not in added}
+    new["config"] = {k: v for k, v in new["config"].items() if k not in added and k not in STOP_SETTINGS}
+    old["config"] = {k: v for k, v in old["config"].items() if k not in STOP_SETTINGS}
     return old == new
 
 
@@ -251,6 +259,8 @@ def compress(
         return evaluate(net, data, collate_fn=collate_fn, batch_size=256, device=dev)
 
     state, lin = _start(original, example, checkpoints, resume, fingerprint, say)
+    if _step_limit_raised(state, config):
+        state.stop_reason = ""  # the run stopped at its step limit and resumes with a higher one (or none)
     start -= state.elapsed_s or sum(h["seconds"] for h in state.history)  # older checkpoints: the steps' time
     if not state.baseline:
         state.baseline = run_eval(original, val_data)
@@ -326,6 +336,11 @@ def _start(original: nn.Module, example: ExampleInputs, checkpoints: Path | None
     lin = restore(original, state.record, example)
     lin.load_state_dict(tensors)
     return state, lin.eval()
+
+
+def _step_limit_raised(state: _State, config: TLCConfig) -> bool:
+    stopped_at_limit = state.stop_reason.startswith("max_steps (")
+    return stopped_at_limit and (config.max_steps is None or config.max_steps > state.step)
 
 
 def _stop_before_step(state: _State, config: TLCConfig, lin: nn.Module, example: ExampleInputs) -> str:
