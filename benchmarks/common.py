@@ -96,7 +96,8 @@ def _with_other_presets(content: dict[str, Any], path: Path) -> dict[str, Any]:
     if not path.is_file():
         return content
     earlier = json.loads(path.read_text())
-    same_base = all(earlier.get("base", {}).get(k) == content["base"].get(k)
+    base = json.loads(json.dumps(content["base"], default=str))  # as stored: tuples become lists
+    same_base = all(earlier.get("base", {}).get(k) == base.get(k)
                     for k in ("recipe", "seed", "val_accuracy", "test_accuracy"))
     if not same_base:
         print(f"{path}: made from another base model; its other presets are not kept")

@@ -15,4 +15,7 @@ $PY benchmarks/ranking_stability.py --run runs/bench/fashion-mnist-resnet18-w16 
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --preset both --tag=-ft1 --threads 1
 $PY benchmarks/nlp.py --preset default --epochs 1 --finetune-epochs 0.25 --target-speedup 1.3 --tag=-x1.3 --threads 1
 $PY benchmarks/ranking_stability.py --run runs/bench/rotten-tomatoes-minilm --sizes 128 1024 --threads 1
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 5 --finetune-epochs 0.25 --preset both --threads 1
+$PY benchmarks/vision.py --model mobilenet_v2 --width 0.25 --epochs 3 --finetune-epochs 0.5 --preset paper --paper-max-steps 1 --threads 1
+$PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --preset paper --paper-max-steps 6 --tag=-ft1 --threads 1
 $PY benchmarks/results.py
