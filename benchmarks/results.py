@@ -189,7 +189,7 @@ def render(results: Path, out: Path) -> str:
         lines += run_rows(summary)
     if not runs:
         lines += ["", "No compression benchmark has finished yet: their summaries are not in benchmarks/results/."]
-    lines += ["", "### How each run ended", ""]
+    lines += ["", "### How each run ended", ""] if runs else []
     for summary in runs:
         for preset, report in summary["runs"].items():
             lines.append(f"- {summary['name']} ({preset}): {len(report['steps'])} step(s), chose step "

@@ -164,7 +164,8 @@ def _fingerprint(config: TLCConfig, extra: dict[str, Any]) -> str:
 
 
 # Settings that only decide when the run ends: a resumed run may change them (stop a long run early, or
-# let one that reached max_steps go on), since the steps already done do not depend on them.
+# let one that reached max_steps go on: the checks made before a step are not stored, only made again),
+# since the steps already done do not depend on them.
 STOP_SETTINGS = ("max_steps", "target_macs_ratio", "target_speedup", "stop_accuracy", "min_activations",
                  "budget_patience", "final_finetune_epochs")
 
@@ -259,8 +260,6 @@ def compress(
         return evaluate(net, data, collate_fn=collate_fn, batch_size=256, device=dev)
 
     state, lin = _start(original, example, checkpoints, resume, fingerprint, say)
-    if _step_limit_raised(state, config):
-        state.stop_reason = ""  # the run stopped at its step limit and resumes with a higher one (or none)
     start -= state.elapsed_s or sum(h["seconds"] for h in state.history)  # older checkpoints: the steps' time
     if not state.baseline:
         state.baseline = run_eval(original, val_data)
@@ -336,11 +335,6 @@ def _start(original: nn.Module, example: ExampleInputs, checkpoints: Path | None
     lin = restore(original, state.record, example)
     lin.load_state_dict(tensors)
     return state, lin.eval()
-
-
-def _step_limit_raised(state: _State, config: TLCConfig) -> bool:
-    stopped_at_limit = state.stop_reason.startswith("max_steps (")
-    return stopped_at_limit and (config.max_steps is None or config.max_steps > state.step)
 
 
 def _stop_before_step(state: _State, config: TLCConfig, lin: nn.Module, example: ExampleInputs) -> str:
