@@ -7,6 +7,7 @@ committed copy that ``benchmarks/results.py`` turns into docs/results.md.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -37,6 +38,19 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, *, preset: str, epochs: float, results_name: str) -> None:
+    """The options every compression benchmark shares: presets, base and fine-tuning epochs, budget, seed,
+    torch threads and ``--tag`` (a variant sharing the base model)."""
+    parser.add_argument("--preset", choices=["default", "paper", "both"], default=preset)
+    parser.add_argument("--epochs", type=float, default=epochs, help="base training epochs")
+    parser.add_argument("--finetune-epochs", type=float, default=1.0, help="default preset, per step")
+    parser.add_argument("--max-acc-drop", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="", help=f"names a variant: runs in <preset><tag>/, results in "
+                        f"{results_name}<tag>.json, the base model shared")
+
+
 def train_base(model: nn.Module, data: Any, recipe: FitConfig, directory: Path, *, seed: int = 0,
                device: str = "cpu") -> dict[str, Any]:
     """Train ``model`` with ``recipe`` (or load it when already trained); returns its accuracies and cost."""
@@ -44,8 +58,15 @@ def train_base(model: nn.Module, data: Any, recipe: FitConfig, directory: Path, 
     weights = directory / "base.safetensors"
     info_path = directory / "base.json"
     if weights.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        wanted = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))  # as stored: lists, not tuples
+        if info.get("recipe") != wanted or info.get("seed") != seed:
+            changed = sorted(k for k in wanted if info.get("recipe", {}).get(k) != wanted[k])
+            raise SystemExit(f"{directory} holds a base model trained with another recipe or seed "
+                             f"(differs in: {', '.join(changed) or 'seed'}); name the new one apart "
+                             "(vision.py --base-tag) or remove that folder")
         model.load_state_dict(load_file(str(weights)))
-        return json.loads(info_path.read_text())
+        return info
     start = time.perf_counter()
     result = fit(model, data.train, recipe, collate_fn=data.collate_fn, device=device, seed=seed,
                  checkpoint_dir=directory / "base-checkpoints", resume=True, description="base training")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import RUNS, headline, run, summary, train_base, write_summary
+from common import RUNS, add_run_arguments, headline, run, summary, train_base, write_summary
 
 from tlc.methods.tlc import TLCConfig
 from tlc.train import FitConfig
@@ -25,15 +25,8 @@ from tlc.zoo.models import build_model, load_tokenizer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=["default", "paper", "both"], default="default")
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--finetune-epochs", type=float, default=1.0)
-    parser.add_argument("--max-acc-drop", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser, preset="default", epochs=3.0, results_name="rotten-tomatoes-minilm")
     parser.add_argument("--target-speedup", type=float, help="stop once a kept step is this much faster (batch 1)")
-    parser.add_argument("--tag", default="", help="names a variant: runs in <preset><tag>/, results in "
-                        "rotten-tomatoes-minilm<tag>.json, the base model shared")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -71,7 +71,7 @@ def target_lines(summary: dict[str, Any]) -> list[str]:
         eager = [lat[("eager", b)]["ratio"] for b in (1, 64) if ("eager", b) in lat]
         met = loss <= drop and eager and min(eager) >= speed
         lines.append(f"- {summary['name']} ({preset}): target x{speed} at <= {drop} pt; measured "
-                     f"{', '.join(f'x{r:.2f}' for r in eager)} (eager b1, b64) at {loss:.2f} pt: "
+                     f"{', '.join(f'x{r:.2f}' for r in eager)} (eager b1, b64) at a top-1 change of {-loss:+.2f} pt: "
                      f"**{'met' if met else 'missed'}**")
     return lines
 
@@ -180,7 +180,8 @@ def render(results: Path, out: Path) -> str:
              "Top-1 on the test split (before/after), activations removed out of the total, depth (weight layers on "
              "the longest path), params, MACs (batch 1), latency ratio original/compressed measured side by side "
              "(interleaved), wall time of the whole compression, fine-tuning compute in epochs. A suffix after the "
-             "model (such as `-ft1`) names a variant run with `--tag`; its command is listed above.", "",
+             "model names a variant: `-ft1` (`--tag`) other fine-tuning settings on the same base model, `-e15` "
+             "(`--base-tag`) a base model trained otherwise; its command is listed above.", "",
              "| benchmark | preset | top-1 before | after | change (pt) | activations removed | depth | params | MACs "
              "| eager b1 | eager b64 | ORT b1 | ORT b64 | wall time | fine-tune epochs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -7,8 +7,9 @@ base recipe: SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, batch 128, ran
 horizontal flip, ``--epochs`` epochs. Compression: default preset with ``--finetune-epochs`` per step;
 the paper preset with five times as many per step (full retraining, step schedule), both stopping as
 documented in docs/results.md. ``--tag`` names a variant (other fine-tuning settings) that shares the
-trained base model. Resumable: rerun the same command after an interruption. Running one preset
-updates only its entry in the results JSON.
+trained base model; ``--base-tag`` names a base model trained otherwise (a stored base is only reused
+with the recipe and seed it was trained with). Resumable: rerun the same command after an interruption.
+Running one preset updates only its entry in the results JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 
 import torch
-from common import RUNS, folded_baseline, headline, run, summary, train_base, write_summary
+from common import RUNS, add_run_arguments, folded_baseline, headline, run, summary, train_base, write_summary
 
 from tlc.methods.tlc import TLCConfig
 from tlc.train import FitConfig
@@ -48,26 +49,21 @@ def configs(args: argparse.Namespace) -> dict[str, TLCConfig]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), required=True)
-    parser.add_argument("--preset", choices=["default", "paper", "both"], default="both")
-    parser.add_argument("--epochs", type=float, default=15.0, help="base training epochs")
-    parser.add_argument("--finetune-epochs", type=float, default=1.0, help="default preset, per step")
-    parser.add_argument("--max-acc-drop", type=float, default=1.0)
+    add_run_arguments(parser, preset="both", epochs=15.0, results_name="fashion-mnist-<model>[-w<width>]<base-tag>")
     parser.add_argument("--width", type=float, help="width (resnet18/vgg16_bn) or width_mult (mobilenet_v2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--paper-max-steps", type=int, help="end the paper preset after this many steps (it "
                         "otherwise runs until one activation is left or two steps in a row miss the budget); "
                         "may be set when resuming")
-    parser.add_argument("--tag", default="", help="names a variant: runs in <preset><tag>/, results in "
-                        "<name><tag>.json, the base model shared")
+    parser.add_argument("--base-tag", default="", help="names a base model trained otherwise (e.g. -e15 for "
+                        "--epochs 15): its own runs/bench/ folder and results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     spec_name, kwargs = MODELS[args.model]
     if args.width is not None:
         kwargs = {"width_mult": args.width} if args.model == "mobilenet_v2" else {"width": int(args.width)}
-    name = args.model + (f"-w{args.width:g}" if args.width is not None else "")
+    name = args.model + (f"-w{args.width:g}" if args.width is not None else "") + args.base_tag
     directory = RUNS / f"fashion-mnist-{name}"
     data = load_data("fashion-mnist", seed=args.seed, augment=True)  # augments the training split only
     model, spec = build_model(spec_name, num_classes=10, in_channels=1, **kwargs)
