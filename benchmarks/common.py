@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,26 @@ def run(model: nn.Module, data: Any, config: TLCConfig, directory: Path, *, spec
                     latency_backends=backends)
 
 
+def finetune_alone(model: nn.Module, data: Any, configs: dict[str, TLCConfig], directory: Path, *,
+                   device: str = "cpu") -> dict[str, Any]:
+    """Each preset's per-step fine-tuning applied once to a copy of the base model with nothing collapsed:
+    the accuracy change that fine-tuning recipe causes on its own, apart from any collapse."""
+    rows = {}
+    for preset, config in configs.items():
+        copy = deepcopy(model)
+        start = time.perf_counter()
+        result = fit(copy, data.train, config.finetune, collate_fn=data.collate_fn, device=device, seed=config.seed,
+                     checkpoint_dir=directory / f"finetune-alone-{preset}", resume=True,
+                     description=f"{preset} fine-tuning alone")
+        rows[preset] = {
+            "recipe": dataclasses.asdict(config.finetune), "epochs": result.epochs,
+            "seconds": time.perf_counter() - start,
+            "val_accuracy": evaluate(copy, data.val, collate_fn=data.collate_fn, device=device)["accuracy"],
+            "test_accuracy": evaluate(copy, data.test, collate_fn=data.collate_fn, device=device)["accuracy"],
+        }
+    return rows
+
+
 def folded_baseline(original: nn.Module, deployed: nn.Module, example: Any,
                     batch_sizes: tuple[int, ...]) -> dict[str, Any]:
     """Latency of the compressed model against the original with only its batch norms folded: the
@@ -114,7 +135,7 @@ def summary(name: str, base: dict[str, Any], results: dict[str, CompressionResul
 def _with_other_presets(content: dict[str, Any], path: Path) -> dict[str, Any]:
     """``content`` plus the runs of presets it lacks from the summary at ``path``, when that summary was
     made from the same base model: running one preset then updates only that preset's entry."""
-    if not path.is_file():
+    if not path.is_file() or "runs" not in content:
         return content
     earlier = json.loads(path.read_text())
     base = json.loads(json.dumps(content["base"], default=str))  # as stored: tuples become lists

@@ -99,6 +99,20 @@ def preset_comparison_lines(summary: dict[str, Any]) -> list[str]:
             f"(target: both at least as good, at most a fifth of the compute): **{'met' if met else 'missed'}**"]
 
 
+def finetune_alone_lines(item: dict[str, Any]) -> list[str]:
+    """One line per preset: the base model's top-1 before and after its per-step fine-tuning alone."""
+    base = item["base"]
+    lines = []
+    for preset, row in item["finetune_alone"].items():
+        r = row["recipe"]
+        lines.append(
+            f"- {item['name']} ({preset}: {row['epochs']:.2f} epochs, {r['optimizer']} lr {r['lr']:g} {r['schedule']}):"
+            f" validation {100 * base['val_accuracy']:.2f} -> {100 * row['val_accuracy']:.2f}, test "
+            f"{100 * base['test_accuracy']:.2f} -> {100 * row['test_accuracy']:.2f} "
+            f"({100 * (row['test_accuracy'] - base['test_accuracy']):+.2f} pt)")
+    return lines
+
+
 def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     """Accuracy against activations removed, one panel per benchmark (three to a row), default and paper
     presets; rejected steps as open markers."""
@@ -167,8 +181,9 @@ def machine_line(summaries: list[dict[str, Any]]) -> str:
 
 def render(results: Path, out: Path) -> str:
     everything = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
-    summaries = [s for s in everything if "stability" not in s]
+    summaries = [s for s in everything if "stability" not in s and "finetune_alone" not in s]
     stability = [s for s in everything if "stability" in s]
+    alone = [s for s in everything if "finetune_alone" in s]
     if not summaries:
         raise SystemExit(f"no summaries in {results}: run the benchmarks first (benchmarks/run_all.sh)")
     lines = ["# Results", "",
@@ -219,6 +234,13 @@ def render(results: Path, out: Path) -> str:
             for size, row in item["stability"].items():
                 lines.append(f"- {item['name']}, {size} samples: Spearman {row['spearman']:.3f}, "
                              f"top-5 overlap {row['top5_overlap']}/5 ({item['sites']} sites)")
+    if alone:
+        lines += ["", "### Fine-tuning alone", "",
+                  "Each preset's per-step fine-tuning applied once to the base model with nothing collapsed "
+                  "(`vision.py --finetune-alone`): how much of a step's accuracy change the recipe causes by "
+                  "itself.", ""]
+        for item in alone:
+            lines += finetune_alone_lines(item)
     lines += ["", "## Targets", ""]
     for summary in summaries:
         lines += target_lines(summary)

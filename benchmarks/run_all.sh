@@ -18,4 +18,6 @@ $PY benchmarks/ranking_stability.py --run runs/bench/rotten-tomatoes-minilm --si
 $PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 5 --finetune-epochs 0.25 --preset both --threads 1
 $PY benchmarks/vision.py --model mobilenet_v2 --width 0.25 --epochs 3 --finetune-epochs 0.5 --preset paper --paper-max-steps 1 --threads 1
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --preset paper --paper-max-steps 6 --tag=-ft1 --threads 1
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 0.25 --preset paper --threads 1
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 0.25 --preset default --threads 1
 $PY benchmarks/results.py

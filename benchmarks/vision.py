@@ -18,7 +18,18 @@ import argparse
 import json
 
 import torch
-from common import RUNS, add_run_arguments, folded_baseline, headline, run, summary, train_base, write_summary
+from common import (
+    RUNS,
+    add_run_arguments,
+    finetune_alone,
+    folded_baseline,
+    headline,
+    machine,
+    run,
+    summary,
+    train_base,
+    write_summary,
+)
 
 from tlc.methods.tlc import TLCConfig
 from tlc.train import FitConfig
@@ -35,7 +46,7 @@ MODELS = {
 def configs(args: argparse.Namespace) -> dict[str, TLCConfig]:
     default = TLCConfig(
         max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=1024,
-        finetune=FitConfig(epochs=args.finetune_epochs, lr=0.01, schedule="cosine", batch_size=128),
+        finetune=FitConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine", batch_size=128),
     )
     paper = TLCConfig.paper(
         max_acc_drop=args.max_acc_drop, seed=args.seed, budget_patience=2, max_steps=args.paper_max_steps,
@@ -52,9 +63,13 @@ def main() -> None:
     add_run_arguments(parser, preset="both", epochs=15.0, results_name="fashion-mnist-<model>[-w<width>]<base-tag>")
     parser.add_argument("--width", type=float, help="width (resnet18/vgg16_bn) or width_mult (mobilenet_v2)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--finetune-lr", type=float, default=0.01, help="default preset's fine-tuning lr (cosine)")
     parser.add_argument("--paper-max-steps", type=int, help="end the paper preset after this many steps (it "
                         "otherwise runs until one activation is left or two steps in a row miss the budget); "
                         "may be set when resuming")
+    parser.add_argument("--finetune-alone", action="store_true", help="instead of compressing: each preset's "
+                        "per-step fine-tuning applied once to the base model, nothing collapsed (results in "
+                        "<name><tag>-finetune-alone.json)")
     parser.add_argument("--base-tag", default="", help="names a base model trained otherwise (e.g. -e15 for "
                         "--epochs 15): its own runs/bench/ folder and results file")
     args = parser.parse_args()
@@ -70,6 +85,13 @@ def main() -> None:
     recipe = FitConfig(epochs=args.epochs, lr=0.05, schedule="cosine", weight_decay=5e-4, batch_size=128)
     base = train_base(model, data, recipe, directory, seed=args.seed, device=args.device)
     print(f"base {name}: val {100 * base['val_accuracy']:.2f}%, test {100 * base['test_accuracy']:.2f}%")
+    if args.finetune_alone:
+        rows = finetune_alone(model, data, configs(args), directory, device=args.device)
+        content = {"name": f"fashion-mnist/{name}{args.tag}", "machine": machine(), "base": base,
+                   "finetune_alone": rows, "args": vars(args)}
+        print(json.dumps(rows, indent=1))
+        print(f"wrote {write_summary(directory, content, suffix=args.tag + '-finetune-alone')}")
+        return
     results, baselines = {}, {}
     for preset, config in configs(args).items():
         result = run(model, data, config, directory / f"{preset}{args.tag}", spec=spec, device=args.device)
