@@ -96,16 +96,17 @@ def run(model: nn.Module, data: Any, config: TLCConfig, directory: Path, *, spec
                     latency_backends=backends)
 
 
-def finetune_alone(model: nn.Module, data: Any, configs: dict[str, TLCConfig], directory: Path, *,
+def finetune_alone(model: nn.Module, data: Any, configs: dict[str, TLCConfig], directory: Path, *, tag: str = "",
                    device: str = "cpu") -> dict[str, Any]:
     """Each preset's per-step fine-tuning applied once to a copy of the base model with nothing collapsed:
-    the accuracy change that fine-tuning recipe causes on its own, apart from any collapse."""
+    the accuracy change that fine-tuning recipe causes on its own, apart from any collapse (checkpoints in
+    ``directory/finetune-alone-<preset><tag>``)."""
     rows = {}
     for preset, config in configs.items():
         copy = deepcopy(model)
         start = time.perf_counter()
         result = fit(copy, data.train, config.finetune, collate_fn=data.collate_fn, device=device, seed=config.seed,
-                     checkpoint_dir=directory / f"finetune-alone-{preset}", resume=True,
+                     checkpoint_dir=directory / f"finetune-alone-{preset}{tag}", resume=True,
                      description=f"{preset} fine-tuning alone")
         rows[preset] = {
             "recipe": dataclasses.asdict(config.finetune), "epochs": result.epochs,

@@ -113,6 +113,22 @@ def finetune_alone_lines(item: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rejected(ax: Any, points: list[tuple[int, float, str, str]], floor: float) -> None:
+    """Rejected steps as open markers; one far below the kept ones (a collapsed network) sits on the
+    panel's lower edge as a down-pointing marker labelled with its accuracy, so it does not flatten the rest."""
+    labelled = set()
+    for x, y, color, preset in points:
+        label = None if preset in labelled else f"{preset}: rejected steps"
+        labelled.add(preset)
+        if y >= floor:
+            ax.scatter([x], [y], facecolors="none", edgecolors=color, label=label)
+        else:
+            ax.scatter([x], [floor], marker="v", facecolors="none", edgecolors=color, label=label)
+            ax.annotate(f"{y:.1f}%", (x, floor), textcoords="offset points", xytext=(4, 2), fontsize=7)
+    if any(y < floor for _, y, _, _ in points):
+        ax.set_ylim(bottom=floor - 0.5)
+
+
 def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     """Accuracy against activations removed, one panel per benchmark (three to a row), default and paper
     presets; rejected steps as open markers."""
@@ -130,17 +146,19 @@ def steps_plot(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     for ax in axes.flat[len(vision):]:
         ax.set_visible(False)
     for ax, summary in zip(axes.flat, vision):
+        budget = 100 * next(iter(summary["runs"].values()))["original"]["val_accuracy"] - 1.0
+        kept_ys = [budget]
+        rejected_points = []
         for preset, report in summary["runs"].items():
             total = report["original"]["activations"]
             xs = [0] + [total - s["activations"] for s in report["steps"] if s["accepted"]]
             ys = [100 * report["original"]["val_accuracy"]] + [100 * s["val_accuracy"]
                                                               for s in report["steps"] if s["accepted"]]
+            kept_ys += ys
             line, = ax.plot(xs, ys, marker="o", label=f"{preset} ({report['finetune_epochs_total']:.1f} ft epochs)")
-            rejected = [s for s in report["steps"] if not s["accepted"]]
-            if rejected:  # tried from the last kept model, not kept
-                ax.scatter([total - s["activations"] for s in rejected], [100 * s["val_accuracy"] for s in rejected],
-                           facecolors="none", edgecolors=line.get_color(), label=f"{preset}: rejected steps")
-        budget = 100 * next(iter(summary["runs"].values()))["original"]["val_accuracy"] - 1.0
+            rejected_points += [(total - s["activations"], 100 * s["val_accuracy"], line.get_color(), preset)
+                                for s in report["steps"] if not s["accepted"]]  # tried from the last kept model
+        _rejected(ax, rejected_points, floor=min(kept_ys) - 3.0)
         ax.axhline(budget, color="grey", linestyle="--", linewidth=1, label="budget (-1 pt)")
         ax.set_title(summary["name"])
         ax.set_xlabel("activations removed")

@@ -20,4 +20,11 @@ $PY benchmarks/vision.py --model mobilenet_v2 --width 0.25 --epochs 3 --finetune
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --preset paper --paper-max-steps 6 --tag=-ft1 --threads 1
 $PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 0.25 --preset paper --threads 1
 $PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 0.25 --preset default --threads 1
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 0.25 --finetune-lr 0.001 --tag=-lr0.001 --preset default --threads 1
+# each preset's per-step fine-tuning alone, on the uncollapsed base models
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 0.25 --preset both --finetune-alone --threads 1
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 0.25 --finetune-lr 0.001 --tag=-lr0.001 --preset default --finetune-alone --threads 1
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 5 --finetune-epochs 0.25 --preset both --finetune-alone --threads 1
+$PY benchmarks/vision.py --model mobilenet_v2 --width 0.25 --epochs 3 --finetune-epochs 0.5 --preset both --finetune-alone --threads 1
+$PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --tag=-ft1 --preset both --finetune-alone --threads 1
 $PY benchmarks/results.py

@@ -86,7 +86,7 @@ def main() -> None:
     base = train_base(model, data, recipe, directory, seed=args.seed, device=args.device)
     print(f"base {name}: val {100 * base['val_accuracy']:.2f}%, test {100 * base['test_accuracy']:.2f}%")
     if args.finetune_alone:
-        rows = finetune_alone(model, data, configs(args), directory, device=args.device)
+        rows = finetune_alone(model, data, configs(args), directory, tag=args.tag, device=args.device)
         content = {"name": f"fashion-mnist/{name}{args.tag}", "machine": machine(), "base": base,
                    "finetune_alone": rows, "args": vars(args)}
         print(json.dumps(rows, indent=1))
