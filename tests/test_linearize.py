@@ -88,6 +88,22 @@ def test_masks_gate_and_remove_channels():
     assert convs[0].out_channels == 4 and convs[1].in_channels == 4
 
 
+@pytest.mark.parametrize("mask", [[1, 0, 1, 0, 0, 1, 1, 0], [0] * 8], ids=["some-off", "all-off"])
+def test_the_savings_estimate_of_a_collapse_is_what_the_merge_removes(mask):
+    """The ranking's MACs saving must be the merge's: a site with every channel off keeps its layers (a
+    layer cannot have no channels), so its collapse saves nothing."""
+    from tlc.graph import trace
+    from tlc.measure import count_macs
+    from tlc.methods.tlc import collapse_savings
+
+    model, x = _model(), torch.randn(2, 3, 12, 12)
+    mask = torch.tensor(mask)
+    saving = collapse_savings(model, trace(model, x), {"r1": mask}, x, "macs")[("r1",)]
+    before = count_macs(tlc.merge(model, x), x)
+    after = count_macs(tlc.merge(tlc.linearize(model, ["r1"], x, masks={"r1": mask}), x), x)
+    assert saving == pytest.approx((before - after) / before, abs=1e-9)
+
+
 @pytest.mark.parametrize("masks,match", [
     ({"r1": [1, 0]}, "has 2 entries"),
     ({"r1": [2] * 8}, "only 0 and 1"),

@@ -160,7 +160,8 @@ class Planner:
 
     def removable(self, node: fx.Node) -> frozenset[int]:
         """Always-zero channels of ``node`` that the deploy form removes physically: those of a dense
-        conv/linear output (through batch norms, gates, identities) read only by dense conv/linears."""
+        conv/linear output (through batch norms, gates, identities) read only by dense conv/linears, and
+        never all of them (a layer cannot have no channels: an all-zero output keeps its layers)."""
         zeros = self.zeros.get(node, frozenset())
         if not zeros or not node.users:
             return frozenset()
@@ -175,7 +176,8 @@ class Planner:
             if len(n.users) != 1:
                 return frozenset()
         info = self.info[n]
-        if n in self.linear and info.kind in (Kind.CONV, Kind.LINEAR) and info.params.get("groups", 1) == 1:
+        if n in self.linear and info.kind in (Kind.CONV, Kind.LINEAR) and info.params.get("groups", 1) == 1 \
+                and len(zeros) < info.params["weight"].shape[0]:
             return zeros
         return frozenset()
 
@@ -209,7 +211,7 @@ class Planner:
         for exit_ in plan.merged:
             final = self._groups[(plan.merged[exit_].entry, exit_)][3]
             zeros = self.removable(exit_)
-            if zeros and final.groups == 1 and final.weight_ops and len(zeros) < final.out_channels:
+            if zeros and final.groups == 1 and final.weight_ops:
                 plan.removed[exit_] = zeros
         return plan
 
