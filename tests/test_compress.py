@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import Subset
 
 import tlc
@@ -299,3 +300,51 @@ def test_save_load_round_trip_of_a_hugging_face_deploy_form(tmp_path):
     other = {"input_ids": torch.randint(5, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
     with torch.no_grad():
         assert torch.equal(loaded(**other).logits, deployed(**other).logits)
+
+
+class _Net(nn.Module):
+    """conv-bn-relu (r1) - conv-bn-relu (r2) - pool - linear; ``residual`` adds the input around r1's block."""
+
+    def __init__(self, residual: bool):
+        super().__init__()
+        self.residual = residual
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1, self.b1, self.r1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.c2, self.b2, self.r2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+        for bn in (self.b1, self.b2):
+            bn.bias.data.uniform_(-0.5, 1.0)  # some channels off, most on
+
+    def forward(self, x):
+        x = self.c0(x)
+        y = self.c2(self.r1(self.b1(self.c1(x))))
+        y = self.r2(self.b2(y + x if self.residual else y))
+        return self.fc(y.mean((2, 3)))
+
+
+def _dead(model: nn.Module, *bns: str) -> nn.Module:
+    """Every channel of these batch norms' activations off: N(beta, gamma^2) with beta < 0."""
+    for name in bns:
+        bn = model.get_submodule(name)
+        bn.weight.data.fill_(0.1)
+        bn.bias.data.fill_(-1.0)
+    return model.eval()
+
+
+def test_an_all_off_site_is_no_candidate_where_the_whole_signal_passes_it():
+    from tlc.graph import trace
+    from tlc.methods.tlc import NoCandidate, select
+
+    x = torch.randn(2, 3, 8, 8)
+    calibration = [(torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,)))]
+    config = TLCConfig(calibration_size=16)
+    plain = _dead(_Net(residual=False), "b1")
+    assert "r1" not in select(plain, trace(plain, x), calibration, x, config).gaps  # its collapse: a constant
+    residual = _dead(_Net(residual=True), "b1")
+    assert "r1" in select(residual, trace(residual, x), calibration, x, config).gaps  # the shortcut carries it
+    both = _dead(_Net(residual=False), "b1", "b2")
+    with pytest.raises(NoCandidate, match="no candidate left"):
+        select(both, trace(both, x), calibration, x, config)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,)))
+    result = compress(both, data, data, config=FAST, example_inputs=x, progress=False, log=None)
+    assert result.steps == [] and result.stop_reason.startswith("no candidate left")

@@ -29,7 +29,7 @@ from tlc.graph import trace
 from tlc.measure import compare, count_macs, count_params, depth
 from tlc.measure.compare import si
 from tlc.measure.latency import rebatch
-from tlc.methods.tlc import Selection, TLCConfig, select
+from tlc.methods.tlc import NoCandidate, Selection, TLCConfig, select
 from tlc.surgery.linearize import linearize, restore
 from tlc.surgery.merge import merge
 from tlc.train import evaluate, fit
@@ -277,7 +277,11 @@ def compress(
         step = state.step + 1
         torch.manual_seed(_derive(config.seed, step))
         graph = trace(lin, example)
-        selection = select(lin, graph, calibration, example, config, progress=progress, exclude=state.set_aside)
+        try:
+            selection = select(lin, graph, calibration, example, config, progress=progress, exclude=state.set_aside)
+        except NoCandidate as reason:
+            state.stop_reason = str(reason)
+            break
         record, candidate = _run_step(step, "", lin, selection, config, train_data, val_data, collate_fn, dev,
                                       original, example, checkpoints, progress, run_eval, floor, say)
         if not record.within_budget and config.retry_single and len(selection.first_unit().sites) < \

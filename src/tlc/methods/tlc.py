@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from tlc._inputs import ExampleInputs
 from tlc.criteria.gaussian import needs_measurement, site_models
@@ -112,6 +112,25 @@ class Selection:
                          unit.gap, self.order, [unit])
 
 
+class NoCandidate(Exception):
+    """No remaining site can be collapsed at this step (all set aside, or each would disconnect the output)."""
+
+
+def disconnects(graph: Graph, name: str) -> bool:
+    """Whether every path from the inputs to the output runs through site ``name``: with every channel
+    off, its collapse makes the network's output a constant, which no fine-tuning can undo."""
+    blocked = graph.site_node(graph.site(name))
+    seen: set[fx.Node] = set()
+    todo = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    while todo:
+        node = todo.pop()
+        if node in seen or node is blocked:
+            continue
+        seen.add(node)
+        todo.extend(node.users)
+    return not any(n.op == "output" for n in seen)
+
+
 def site_masks(graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """TLC's channel split for every remaining site (BN lens, or measured statistics without BN)."""
     to_measure = needs_measurement(graph, graph.sites)
@@ -207,8 +226,13 @@ def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torc
            example_inputs: ExampleInputs, config: TLCConfig, progress: bool = False,
            exclude: Sequence[str] = ()) -> Selection:
     """Rank the remaining sites of ``model`` (traced as ``graph``), except those in ``exclude`` (set aside
-    after a rejected step), and choose this step's collapse."""
-    masks = {n: m for n, m in site_masks(graph, calibration).items() if n not in exclude}
+    after a rejected step) and those with every channel off that :func:`disconnects` the output, and
+    choose this step's collapse; :class:`NoCandidate` when none is left."""
+    masks = {n: m for n, m in site_masks(graph, calibration).items()
+             if n not in exclude and (bool(m.any()) or not disconnects(graph, n))}
+    if not masks:
+        raise NoCandidate("no candidate left: every remaining activation was set aside or has every channel "
+                          "off where all of the signal passes")
     ranking = LossGaps(graph, calibration, progress=progress)
     gaps = ranking.single_gaps(masks)
 
