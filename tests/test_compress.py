@@ -335,6 +335,7 @@ def test_an_all_off_site_is_no_candidate_where_the_whole_signal_passes_it():
     from tlc.graph import trace
     from tlc.methods.tlc import NoCandidate, select
 
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     calibration = [(torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,)))]
     config = TLCConfig(calibration_size=16)
