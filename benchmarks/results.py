@@ -256,7 +256,9 @@ def render(results: Path, out: Path) -> str:
         lines += ["", "### Fine-tuning alone", "",
                   "Each preset's per-step fine-tuning applied once to the base model with nothing collapsed "
                   "(`vision.py --finetune-alone`): how much of a step's accuracy change the recipe causes by "
-                  "itself.", ""]
+                  "itself. The accuracies before each arrow are of the base model it started from, retrained "
+                  "where the runs folder was gone: seeded training was not bit-identical across sessions "
+                  "here, so they can differ from the Base models line.", ""]
         for item in alone:
             lines += finetune_alone_lines(item)
     lines += ["", "## Targets", ""]
