@@ -39,6 +39,18 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _as_stored(value: Any) -> Any:
+    """``value`` as it reads back from a JSON file (tuples become lists): what stored summaries compare against."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _accuracies(model: nn.Module, data: Any, device: str) -> dict[str, float | None]:
+    """Validation and test top-1 of ``model`` (test None when the data has no test split)."""
+    splits = {"val_accuracy": data.val, "test_accuracy": data.test}
+    return {key: evaluate(model, split, collate_fn=data.collate_fn, device=device)["accuracy"]
+            if split is not None else None for key, split in splits.items()}
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, preset: str, epochs: float, results_name: str) -> None:
     """The options every compression benchmark shares: presets, base and fine-tuning epochs, budget, seed,
     torch threads and ``--tag`` (a variant sharing the base model)."""
@@ -60,7 +72,7 @@ def train_base(model: nn.Module, data: Any, recipe: FitConfig, directory: Path, 
     info_path = directory / "base.json"
     if weights.is_file() and info_path.is_file():
         info = json.loads(info_path.read_text())
-        wanted = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))  # as stored: lists, not tuples
+        wanted = _as_stored(dataclasses.asdict(recipe))
         if info.get("recipe") != wanted or info.get("seed") != seed:
             changed = sorted(k for k in wanted if info.get("recipe", {}).get(k) != wanted[k])
             raise SystemExit(f"{directory} holds a base model trained with another recipe or seed "
@@ -74,9 +86,7 @@ def train_base(model: nn.Module, data: Any, recipe: FitConfig, directory: Path, 
     info = {
         "recipe": dataclasses.asdict(recipe), "seed": seed, "epochs": result.epochs,
         "train_seconds": time.perf_counter() - start,
-        "val_accuracy": evaluate(model, data.val, collate_fn=data.collate_fn, device=device)["accuracy"],
-        "test_accuracy": evaluate(model, data.test, collate_fn=data.collate_fn, device=device)["accuracy"]
-        if data.test is not None else None,
+        **_accuracies(model, data, device),
     }
     tmp = directory / ".base.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
@@ -111,8 +121,7 @@ def finetune_alone(model: nn.Module, data: Any, configs: dict[str, TLCConfig], d
         rows[preset] = {
             "recipe": dataclasses.asdict(config.finetune), "epochs": result.epochs,
             "seconds": time.perf_counter() - start,
-            "val_accuracy": evaluate(copy, data.val, collate_fn=data.collate_fn, device=device)["accuracy"],
-            "test_accuracy": evaluate(copy, data.test, collate_fn=data.collate_fn, device=device)["accuracy"],
+            **_accuracies(copy, data, device),
         }
     return rows
 
@@ -139,7 +148,7 @@ def _with_other_presets(content: dict[str, Any], path: Path) -> dict[str, Any]:
     if not path.is_file() or "runs" not in content:
         return content
     earlier = json.loads(path.read_text())
-    base = json.loads(json.dumps(content["base"], default=str))  # as stored: tuples become lists
+    base = _as_stored(content["base"])
     same_base = all(earlier.get("base", {}).get(k) == base.get(k)
                     for k in ("recipe", "seed", "val_accuracy", "test_accuracy"))
     if not same_base:

@@ -80,6 +80,7 @@ def main() -> None:
         kwargs = {"width_mult": args.width} if args.model == "mobilenet_v2" else {"width": int(args.width)}
     name = args.model + (f"-w{args.width:g}" if args.width is not None else "") + args.base_tag
     directory = RUNS / f"fashion-mnist-{name}"
+    label = f"fashion-mnist/{name}{args.tag}"
     data = load_data("fashion-mnist", seed=args.seed, augment=True)  # augments the training split only
     model, spec = build_model(spec_name, num_classes=10, in_channels=1, **kwargs)
     recipe = FitConfig(epochs=args.epochs, lr=0.05, schedule="cosine", weight_decay=5e-4, batch_size=128)
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"base {name}: val {100 * base['val_accuracy']:.2f}%, test {100 * base['test_accuracy']:.2f}%")
     if args.finetune_alone:
         rows = finetune_alone(model, data, configs(args), directory, tag=args.tag, device=args.device)
-        content = {"name": f"fashion-mnist/{name}{args.tag}", "machine": machine(), "base": base,
+        content = {"name": label, "machine": machine(), "base": base,
                    "finetune_alone": rows, "args": vars(args)}
         print(json.dumps(rows, indent=1))
         print(f"wrote {write_summary(directory, content, suffix=args.tag + '-finetune-alone')}")
@@ -98,7 +99,7 @@ def main() -> None:
         results[preset] = result
         baselines[preset] = folded_baseline(model.eval(), result.model, data.example_inputs(2), (1, 64))
         print(headline(result.report))
-    content = summary(f"fashion-mnist/{name}{args.tag}", base, results, {"vs_bn_folded": baselines, "args": vars(args)})
+    content = summary(label, base, results, {"vs_bn_folded": baselines, "args": vars(args)})
     path = write_summary(directory, content, suffix=args.tag)
     print(json.dumps({p: r.report["compressed"] for p, r in results.items()}, indent=1))
     print(f"wrote {path}")

@@ -19,6 +19,7 @@ from tlc._inputs import ExampleInputs
 from tlc.criteria.gaussian import needs_measurement, site_models
 from tlc.criteria.loss_gap import LossGaps
 from tlc.criteria.stats import collect_site_stats
+from tlc.errors import TLCError
 from tlc.graph import Graph, trace
 from tlc.surgery.linearize import gate_nodes, linearize
 from tlc.surgery.plan import Planner
@@ -112,7 +113,7 @@ class Selection:
                          unit.gap, self.order, [unit])
 
 
-class NoCandidate(Exception):
+class NoCandidate(TLCError):
     """No remaining site can be collapsed at this step (all set aside, or each would disconnect the output)."""
 
 
