@@ -27,6 +27,7 @@ import tlc  # noqa: E402
 from tlc.compression import CompressionResult, compress  # noqa: E402
 from tlc.methods.tlc import TLCConfig  # noqa: E402
 from tlc.train import FitConfig, evaluate, fit  # noqa: E402
+from tlc.train.checkpoint import atomic_write_json  # noqa: E402
 
 RUNS = Path(os.environ.get("TLC_BENCH_DIR", "runs/bench"))
 RESULTS = Path(__file__).with_name("results")
@@ -114,13 +115,13 @@ def finetune_alone(model: nn.Module, data: Any, configs: dict[str, TLCConfig], d
     rows = {}
     for preset, config in configs.items():
         copy = deepcopy(model)
+        folder = directory / f"finetune-alone-{preset}{tag}"
         start = time.perf_counter()
         result = fit(copy, data.train, config.finetune, collate_fn=data.collate_fn, device=device, seed=config.seed,
-                     checkpoint_dir=directory / f"finetune-alone-{preset}{tag}", resume=True,
-                     description=f"{preset} fine-tuning alone")
+                     checkpoint_dir=folder, resume=True, description=f"{preset} fine-tuning alone")
         rows[preset] = {
             "recipe": dataclasses.asdict(config.finetune), "epochs": result.epochs,
-            "seconds": time.perf_counter() - start,
+            "seconds": _total_seconds(folder, time.perf_counter() - start),
             **_accuracies(copy, data, device),
         }
     return rows
@@ -160,6 +161,15 @@ def _with_other_presets(content: dict[str, Any], path: Path) -> dict[str, Any]:
     earlier_args = earlier.get("args_by_preset") or {preset: earlier.get("args") for preset in earlier["runs"]}
     merged["args_by_preset"] = {**earlier_args, **{preset: content.get("args") for preset in content["runs"]}}
     return merged
+
+
+def _total_seconds(folder: Path, seconds: float) -> float:
+    """Wall time of every call that trained into ``folder``, this one included: a rerun that only reloads a
+    finished fine-tuning adds its reload time instead of replacing the training time."""
+    path = folder / "seconds.json"
+    total = seconds + (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0)
+    atomic_write_json(path, {"seconds": total})
+    return total
 
 
 def write_summary(directory: Path, content: dict[str, Any], suffix: str = "") -> Path:

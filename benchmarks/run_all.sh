@@ -27,4 +27,7 @@ $PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15
 $PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 5 --finetune-epochs 0.25 --preset both --finetune-alone --threads 1
 $PY benchmarks/vision.py --model mobilenet_v2 --width 0.25 --epochs 3 --finetune-epochs 0.5 --preset both --finetune-alone --threads 1
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --tag=-ft1 --preset both --finetune-alone --threads 1
+# the paper preset retraining each step as long as the base was trained (15 epochs), as the official code does
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 1.0 --paper-finetune-epochs 15 --tag=-ft1-p15 --preset paper --paper-max-steps 3 --threads 1
+$PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 1.0 --paper-finetune-epochs 15 --tag=-ft1-p15 --preset default --threads 1
 $PY benchmarks/results.py

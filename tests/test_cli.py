@@ -72,3 +72,11 @@ def test_compress_options_reach_the_tlc_config():
     assert (config.rejection_patience, config.gap_tolerance) == (1, 0.5)
     assert config.finetune.epochs == TLCConfig.paper().finetune.epochs
     assert _config(_parser().parse_args(["compress", "--model", "m", "--data", "d", "--out", "x"])) == TLCConfig()
+
+
+def test_reports_record_the_image_size_the_data_was_loaded_at():
+    from tlc.cli import _data_label
+    from tlc.zoo.data import load_data
+
+    assert _data_label(load_data("digits", seed=0)) == "digits (1x8x8)"
+    assert _data_label(load_data("digits", seed=0, image_size=16)) == "digits (1x16x16)"

@@ -194,7 +194,7 @@ def _compress(args: argparse.Namespace) -> int:
     result = compress(
         model, data.train, data.val, method=args.method, config=_config(args), test_data=data.test,
         collate_fn=data.collate_fn, example_inputs=data.example_inputs(2), out_dir=out, resume=args.resume,
-        device=args.device, progress=not args.quiet, model_spec=spec.to_json(), data_spec=data.name,
+        device=args.device, progress=not args.quiet, model_spec=spec.to_json(), data_spec=_data_label(data),
         latency_batch_sizes=tuple(args.latency_batch_sizes), latency_backends=backends,
     )
     print()
@@ -223,12 +223,20 @@ def _demo(args: argparse.Namespace) -> int:
                        calibration_size=270, max_steps=10)
     result = compress(model, data.train, data.val, config=config, test_data=data.test, collate_fn=data.collate_fn,
                       example_inputs=data.example_inputs(2), out_dir=out, resume=(out / "checkpoints").exists(),
-                      progress=not args.quiet, model_spec=spec.to_json(), data_spec=data.name,
+                      progress=not args.quiet, model_spec=spec.to_json(), data_spec=_data_label(data),
                       latency_batch_sizes=(1, 32))
     print()
     print(result)
     print(f"\noutputs in {out}/ - `tlc report {out}` draws the plots, `tlc export {out} --onnx` writes model.onnx")
     return 0
+
+
+def _data_label(data: Any) -> str:
+    """The dataset's name with the input shape it was loaded at, as reports record it: the demo's digits
+    are resized to 16 px, which the name alone does not say."""
+    if data.input_shape is None:
+        return data.name
+    return f"{data.name} ({'x'.join(str(d) for d in data.input_shape)})"
 
 
 def _demo_model(data_spec: str, ns: argparse.Namespace) -> tuple[Any, Any, Any]:
