@@ -53,12 +53,14 @@ def _accuracies(model: nn.Module, data: Any, device: str) -> dict[str, float | N
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, preset: str, epochs: float, results_name: str) -> None:
-    """The options every compression benchmark shares: presets, base and fine-tuning epochs, budget, seed,
-    torch threads and ``--tag`` (a variant sharing the base model)."""
+    """The options every compression benchmark shares: presets, base and fine-tuning epochs, budget,
+    distillation, seed, torch threads and ``--tag`` (a variant sharing the base model)."""
     parser.add_argument("--preset", choices=["default", "paper", "both"], default=preset)
     parser.add_argument("--epochs", type=float, default=epochs, help="base training epochs")
     parser.add_argument("--finetune-epochs", type=float, default=1.0, help="default preset, per step")
     parser.add_argument("--max-acc-drop", type=float, default=1.0)
+    parser.add_argument("--distill", action="store_true", help="default preset: fine-tune with knowledge "
+                        "distillation from the original (alpha 0.5, T 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help=f"names a variant: runs in <preset><tag>/, results in "
@@ -109,8 +111,9 @@ def run(model: nn.Module, data: Any, config: TLCConfig, directory: Path, *, spec
 
 def finetune_alone(model: nn.Module, data: Any, configs: dict[str, TLCConfig], directory: Path, *, tag: str = "",
                    device: str = "cpu") -> dict[str, Any]:
-    """Each preset's per-step fine-tuning applied once to a copy of the base model with nothing collapsed:
-    the accuracy change that fine-tuning recipe causes on its own, apart from any collapse (checkpoints in
+    """Each preset's per-step fine-tuning applied once to a copy of the base model with nothing collapsed
+    (distilled from the base model when the preset distils): the accuracy change that fine-tuning recipe
+    causes on its own, apart from any collapse (checkpoints in
     ``directory/finetune-alone-<preset><tag>``)."""
     rows = {}
     for preset, config in configs.items():
@@ -118,9 +121,11 @@ def finetune_alone(model: nn.Module, data: Any, configs: dict[str, TLCConfig], d
         folder = directory / f"finetune-alone-{preset}{tag}"
         start = time.perf_counter()
         result = fit(copy, data.train, config.finetune, collate_fn=data.collate_fn, device=device, seed=config.seed,
+                     teacher=model if config.distill else None, distill=config.distill,
                      checkpoint_dir=folder, resume=True, description=f"{preset} fine-tuning alone")
         rows[preset] = {
             "recipe": dataclasses.asdict(config.finetune), "epochs": result.epochs,
+            "distill": dataclasses.asdict(config.distill) if config.distill else None,
             "seconds": _total_seconds(folder, time.perf_counter() - start),
             **_accuracies(copy, data, device),
         }

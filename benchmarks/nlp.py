@@ -18,7 +18,7 @@ import torch
 from common import RUNS, add_run_arguments, headline, run, summary, train_base, write_summary
 
 from tlc.methods.tlc import TLCConfig
-from tlc.train import FitConfig
+from tlc.train import DistillConfig, FitConfig
 from tlc.zoo.data import load_data
 from tlc.zoo.models import build_model, load_tokenizer
 
@@ -43,7 +43,8 @@ def main() -> None:
                          schedule="cosine", batch_size=32)
     presets = {
         "default": TLCConfig(max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=512,
-                             calibration_batch_size=32, finetune=finetune, target_speedup=args.target_speedup),
+                             calibration_batch_size=32, finetune=finetune, target_speedup=args.target_speedup,
+                             distill=DistillConfig() if args.distill else None),
         "paper": TLCConfig.paper(max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_batch_size=32,
                                  budget_patience=2, target_speedup=args.target_speedup, finetune=FitConfig(
                                      epochs=3.0, optimizer="adamw", lr=2e-5, weight_decay=0.01, schedule="constant",

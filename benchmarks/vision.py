@@ -34,7 +34,7 @@ from common import (
 )
 
 from tlc.methods.tlc import TLCConfig
-from tlc.train import FitConfig
+from tlc.train import DistillConfig, FitConfig
 from tlc.zoo.data import load_data
 from tlc.zoo.models import build_model
 
@@ -48,6 +48,7 @@ MODELS = {
 def configs(args: argparse.Namespace) -> dict[str, TLCConfig]:
     default = TLCConfig(
         max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=1024,
+        distill=DistillConfig() if args.distill else None,
         finetune=FitConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine", batch_size=128),
     )
     paper_epochs = args.paper_finetune_epochs or 5 * args.finetune_epochs
