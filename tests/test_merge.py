@@ -216,3 +216,69 @@ def test_hf_trace_of_a_one_row_example_is_quiet(caplog):
     with caplog.at_level(logging.WARNING):
         assert len(tlc.find_sites(model, x)) == 1
     assert not [r for r in caplog.records if "specialized" in r.getMessage()]
+
+
+def _collapse_all_off(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[nn.Module, float, float]:
+    """The training form with every channel of ``names`` off, and the MACs fraction its merge saves
+    against the ranking's estimate of that saving."""
+    from tlc.graph import trace
+    from tlc.measure import count_macs
+    from tlc.methods.tlc import collapse_savings
+
+    channels = {s.name: s.channels for s in tlc.find_sites(model, x)}
+    masks = {n: torch.zeros(channels[n]) for n in names}
+    lin = tlc.linearize(model, names, x, masks=masks).eval()
+    before, after = count_macs(tlc.merge(model, x), x), count_macs(tlc.merge(lin, x), x)
+    estimate = collapse_savings(model, trace(model, x), masks, x, "macs")[tuple(names)]
+    return lin, (before - after) / before, estimate
+
+
+def _layers(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
+
+
+@pytest.mark.parametrize("site,shortcut,shallower", [
+    ("layer1.1.relu1", "ChannelAffine", 2),  # identity shortcut: the block becomes a per-channel bias
+    ("layer2.0.relu1", "Conv2d(8->16, 1x1, stride=2)", 1),  # projection shortcut: the constant joins its bias
+])
+def test_a_residual_block_whose_branch_is_constant_becomes_a_bias(site, shortcut, shallower):
+    """With every channel of a basic block's first ReLU off, the branch is conv2(0) -> bn2: a constant. The
+    merge drops both convolutions, adds the constant to the shortcut, and the ranking counts that saving."""
+    from tlc.measure.structure import depth
+
+    model, x = _resnet(), torch.randn(2, 3, 16, 16)
+    lin, saved, estimate = _collapse_all_off(model, x, [site])
+    dep = tlc.merge(lin, x)
+    y = torch.randn(4, 3, 16, 16)
+    assert rel_err(lin(y), dep(y)) < 1e-5
+    assert _layers(dep) == _layers(tlc.merge(model, x)) - 2
+    assert depth(dep, x) == depth(tlc.merge(model, x), x) - shallower
+    assert saved > 0.05 and saved == pytest.approx(estimate, abs=1e-9)
+    block = site.rsplit(".", 1)[0]
+    record = next(r for r in dep.tlc_report.records if any(f"{block}.conv2" in op for op in r.replaces))
+    assert record.layer == shortcut and record.weight_ops == (shortcut != "ChannelAffine")
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.act0 = nn.Linear(6, 8), nn.ReLU()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.act0(self.fc0(x))
+        return self.head(h + self.fc2(self.act(self.fc1(h))))
+
+
+def test_a_constant_mlp_branch_folds_into_the_next_linear_layer():
+    """The dense case (a transformer FFN): x + fc2(0) is x plus fc2's bias, which the head absorbs."""
+    torch.manual_seed(0)
+    model, x = _ResidualMLP().eval(), torch.randn(5, 6)
+    lin, saved, estimate = _collapse_all_off(model, x, ["act"])
+    dep = tlc.merge(lin, x)
+    y = torch.randn(7, 6)
+    assert rel_err(lin(y), dep(y)) < 1e-6
+    assert rel_err(model.head(model.act0(model.fc0(y)) + model.fc2.bias), dep(y)) < 1e-6
+    assert _layers(dep) == 2  # fc0 and the head with the branch's constant in its bias
+    assert saved == pytest.approx(estimate, abs=1e-9)

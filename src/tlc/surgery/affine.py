@@ -9,8 +9,14 @@ Maps work in two modes: *shape mode* (``numeric=False``) only tracks sizes and s
 to plan (cheap, many candidates); *numeric mode* computes float64 tensors for the chosen merges.
 
 Exactness: composing ``conv2 o M`` is exact only if conv2 pads with zeros where M is itself zero, that
-is when conv2 has no padding or M is *zero-preserving* (pointwise, no bias). Otherwise :class:`Infeasible`
-is raised in strict mode; ``linearize(exact=True)`` moves the padding first so that it holds.
+is when conv2 has no padding or M is *zero-preserving* (pointwise, no bias, or zero everywhere).
+Otherwise :class:`Infeasible` is raised in strict mode; ``linearize(exact=True)`` moves the padding first
+so that it holds.
+
+A *constant* map does not depend on the entry at all: its tensor is ``bias`` at every position (a branch
+behind a gate whose channels are all off). Added to another map it only shifts that map's bias, so the
+layers computing it vanish from the merged layer: a residual block whose branch is constant becomes a
+per-channel bias.
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ class Map:
     identity: bool = False
     weight_ops: int = 0  # conv/linear layers composed into this map
     zero_out: frozenset[int] = field(default_factory=frozenset)  # output channels that are exactly 0
+    constant: bool = False  # the tensor is ``bias`` at every position, whatever the entry
+
+    @property
+    def is_zero(self) -> bool:
+        """Every output channel is exactly 0, everywhere."""
+        return len(self.zero_out) == self.out_channels
 
     @property
     def spatial_dims(self) -> int:
@@ -54,8 +66,9 @@ class Map:
 
     @property
     def zero_preserving(self) -> bool:
-        """Whether the map is 0 wherever the entry is 0 (so padding after it may move before it)."""
-        return self.pointwise and self.bias_zero
+        """Whether the map is 0 wherever the entry is 0 (so padding after it may move before it, or, when
+        it is 0 everywhere, need not move at all)."""
+        return (self.pointwise and self.bias_zero) or self.is_zero
 
     @property
     def diagonal(self) -> bool:
@@ -119,10 +132,16 @@ def apply_conv(m: Map, weight: torch.Tensor, bias: torch.Tensor | None, stride: 
             m.weight, m.bias, _f64(weight), _f64(bias), stride1=m.stride, dilation1=m.dilation, groups1=m.groups,
             dilation2=tuple(dilation), groups2=groups)
     depthwise = groups == c_in == c_out
+    if m.is_zero and bias is None:
+        zero_out = frozenset(range(c_out))
+    else:
+        zero_out = m.zero_out if depthwise and bias is None else frozenset()
     return Map(
         kind=m.kind, in_channels=m.in_channels, out_channels=c_out, groups=g, kernel=kernel, stride=new_stride,
         padding=new_padding, dilation=dil, weight=w, bias=b, bias_zero=m.bias_zero and bias is None,
-        weight_ops=m.weight_ops + 1, zero_out=m.zero_out if depthwise and bias is None else frozenset(),
+        weight_ops=m.weight_ops + 1, zero_out=zero_out,
+        # a uniform input stays uniform unless zero padding meets a non-zero border
+        constant=m.constant and (m.is_zero or not any(padding)),
     )
 
 
@@ -145,17 +164,22 @@ def apply_affine(m: Map, scale: torch.Tensor, shift: torch.Tensor | None, *, num
     w = b = None
     if numeric:
         w, b = compose.scale_output_channels(m.weight, m.bias, _f64(scale), _f64(shift))
-    return replace(m, weight=w, bias=b, bias_zero=m.bias_zero and shift is None, identity=False, zero_out=zero_out)
+    return replace(m, weight=w, bias=b, bias_zero=m.bias_zero and shift is None, identity=False, zero_out=zero_out,
+                   constant=m.constant or len(zeros) == m.out_channels)
 
 
 def add(a: Map, b: Map, *, numeric: bool) -> Map:
     """The map of ``x_a + x_b`` (both maps from the same entry, same output grid)."""
     if a.kind != b.kind or a.spatial_dims != b.spatial_dims:
         raise Infeasible("sum of tensors of different layouts")
-    if a.stride != b.stride:
-        raise Infeasible("sum of branches with different strides")
     if a.out_channels != b.out_channels:
         raise Infeasible("sum of branches with different channel counts")
+    if b.constant and not a.constant:
+        return _shifted(a, b, numeric)
+    if a.constant and not b.constant:
+        return _shifted(b, a, numeric)
+    if a.stride != b.stride:
+        raise Infeasible("sum of branches with different strides")
     pad = tuple(max(p, q) for p, q in zip(a.padding, b.padding))
     dil = []
     for i in range(len(pad)):
@@ -180,8 +204,16 @@ def add(a: Map, b: Map, *, numeric: bool) -> Map:
         kind=a.kind, in_channels=a.in_channels, out_channels=a.out_channels, groups=groups, kernel=kernel,
         stride=a.stride, padding=pad, dilation=tuple(dil), weight=w, bias=bias,
         bias_zero=a.bias_zero and b.bias_zero, weight_ops=a.weight_ops + b.weight_ops,
-        zero_out=a.zero_out & b.zero_out,
+        zero_out=a.zero_out & b.zero_out, constant=a.constant and b.constant,
     )
+
+
+def _shifted(m: Map, constant: Map, numeric: bool) -> Map:
+    """``m`` plus a constant map: ``m`` with the constant added to its bias, the constant's layers gone."""
+    if constant.is_zero:
+        return m
+    return replace(m, bias=m.bias + constant.bias if numeric else None, bias_zero=False, identity=False,
+                   zero_out=m.zero_out & constant.zero_out)
 
 
 def macs(m: Map, out_positions: int, removed_in: int = 0, removed_out: int = 0) -> int:

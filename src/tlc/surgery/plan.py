@@ -161,7 +161,8 @@ class Planner:
     def removable(self, node: fx.Node) -> frozenset[int]:
         """Always-zero channels of ``node`` that the deploy form removes physically: those of a dense
         conv/linear output (through batch norms, gates, identities) read only by dense conv/linears, and
-        never all of them (a layer cannot have no channels: an all-zero output keeps its layers)."""
+        never all of them (a layer cannot have no channels: an all-zero output keeps its layers, unless a
+        residual add makes the branch a bias, see :func:`tlc.surgery.affine.add`)."""
         zeros = self.zeros.get(node, frozenset())
         if not zeros or not node.users:
             return frozenset()
