@@ -54,13 +54,15 @@ def _accuracies(model: nn.Module, data: Any, device: str) -> dict[str, float | N
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, preset: str, epochs: float, results_name: str) -> None:
     """The options every compression benchmark shares: presets, base and fine-tuning epochs, budget,
-    distillation, seed, torch threads and ``--tag`` (a variant sharing the base model)."""
+    distillation, branch removal, seed, torch threads and ``--tag`` (a variant sharing the base model)."""
     parser.add_argument("--preset", choices=["default", "paper", "both"], default=preset)
     parser.add_argument("--epochs", type=float, default=epochs, help="base training epochs")
     parser.add_argument("--finetune-epochs", type=float, default=1.0, help="default preset, per step")
     parser.add_argument("--max-acc-drop", type=float, default=1.0)
     parser.add_argument("--distill", action="store_true", help="default preset: fine-tune with knowledge "
                         "distillation from the original (alpha 0.5, T 4)")
+    parser.add_argument("--no-branch-removal", dest="branch_removal", action="store_false",
+                        help="default preset: no residual branch removed whole, TLC's channel split only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help=f"names a variant: runs in <preset><tag>/, results in "

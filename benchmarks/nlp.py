@@ -44,7 +44,8 @@ def main() -> None:
     presets = {
         "default": TLCConfig(max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=512,
                              calibration_batch_size=32, finetune=finetune, target_speedup=args.target_speedup,
-                             distill=DistillConfig() if args.distill else None),
+                             distill=DistillConfig() if args.distill else None,
+                             branch_removal=args.branch_removal),
         "paper": TLCConfig.paper(max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_batch_size=32,
                                  budget_patience=2, target_speedup=args.target_speedup, finetune=FitConfig(
                                      epochs=3.0, optimizer="adamw", lr=2e-5, weight_decay=0.01, schedule="constant",

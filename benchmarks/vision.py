@@ -48,7 +48,7 @@ MODELS = {
 def configs(args: argparse.Namespace) -> dict[str, TLCConfig]:
     default = TLCConfig(
         max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=1024,
-        distill=DistillConfig() if args.distill else None,
+        distill=DistillConfig() if args.distill else None, branch_removal=args.branch_removal,
         finetune=FitConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine", batch_size=128),
     )
     paper_epochs = args.paper_finetune_epochs or 5 * args.finetune_epochs

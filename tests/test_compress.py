@@ -51,8 +51,11 @@ def test_rules():
     joint = {2: -0.25, 3: 0.01, 4: 0.5}
     assert official_count(["a", "b", "c", "d"], gaps, lambda s: joint[len(s)]) == 3  # off by one, as published
     assert official_count(["c", "a"], {"c": 0.1, "a": 0.2}, lambda s: -1.0) == 1
-    order = [Unit(("a", "b"), 0.1, 0.0), Unit(("b",), 0.1, 0.0), Unit(("c",), 0.0, 0.0), Unit(("d", "e"), 0.0, 0.0)]
-    assert _prefixes(order, 4) == [["a", "b"], ["a", "b", "c"]]
+    order = [Unit(("a", "b"), 0.1, 0.0), Unit(("b",), 0.1, 0.0), Unit(("c",), 0.0, 0.0),
+             Unit(("c",), 0.0, 0.0, whole_branch=True), Unit(("d", "e"), 0.0, 0.0)]
+    prefixes = _prefixes(order, 4)
+    assert [[s for u in p for s in u.sites] for p in prefixes] == [["a", "b"], ["a", "b", "c"]]
+    assert not any(u.whole_branch for u in prefixes[-1])  # a site is collapsed one way only
 
 
 def test_compress_records_steps_and_returns_an_exact_shallower_model(trained, digits, tmp_path):
@@ -349,3 +352,50 @@ def test_an_all_off_site_is_no_candidate_where_the_whole_signal_passes_it():
     data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,)))
     result = compress(both, data, data, config=FAST, example_inputs=x, progress=False, log=None)
     assert result.steps == [] and result.stop_reason.startswith("no candidate left")
+
+
+def _nearly_dead_branch() -> nn.Module:
+    """The residual net with r1 off in every channel but 0, whose output c2 ignores: TLC's split and the
+    whole branch off are the same function, and only the latter lets the merge drop c1 and c2."""
+    torch.manual_seed(0)
+    model = _dead(_Net(residual=True), "b1")
+    model.b1.bias.data[0] = 1.0
+    model.c2.weight.data[:, 0] = 0.0
+    return model
+
+
+def test_a_residual_branch_removed_whole_is_a_candidate_of_its_own(tmp_path):
+    from tlc.graph import trace
+    from tlc.methods.tlc import select, whole_branch_units
+
+    x = torch.randn(2, 3, 8, 8)
+    calibration = [(torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,)))]
+    model = _nearly_dead_branch()
+    graph = trace(model, x)
+    config = TLCConfig(calibration_size=16)
+    selection = select(model, graph, calibration, x, config, exclude=["r2"])
+    assert selection.sites == ["r1"] and selection.whole_branches == ["r1"]
+    assert not selection.masks["r1"].any()
+    (whole,) = selection.units  # the same loss as TLC's split of r1, a larger saving
+    assert whole.saving > selection.savings["r1"] and whole.gap == pytest.approx(selection.gaps["r1"], abs=1e-6)
+    lin = tlc.linearize(model, selection.sites, x, selection.masks).eval()
+    dep = tlc.merge(lin, x)
+    def convs(m: nn.Module) -> int:
+        return sum(isinstance(c, nn.Conv2d) for c in m.modules())
+
+    assert convs(dep) == convs(tlc.merge(model, x)) - 2 == 1  # c1 and c2 gone; c0 takes the branch's bias
+    y = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(lin(y), dep(y), atol=1e-5)
+
+    off = select(model, graph, calibration, x, dataclasses.replace(config, branch_removal=False), exclude=["r2"])
+    assert off.whole_branches == [] and off.masks["r1"].any()
+    plain = _Net(residual=False).eval()  # no shortcut: every channel off would make the output a constant
+    assert whole_branch_units(plain, trace(plain, x), {"r1": torch.ones(8)}, {("r1",): 0.0}, x, "macs", None) == []
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,)))
+    result = compress(model, data, data, config=dataclasses.replace(FAST, max_steps=1), example_inputs=x,
+                      out_dir=tmp_path / "run", progress=False, log=None)
+    step = result.steps[0]
+    assert step.whole_branches == ["r1"] and "r1" in step.sites
+    header, row = (tmp_path / "run" / "steps.csv").read_text().splitlines()
+    assert header.endswith(",note,whole_branches") and row.endswith(",,r1")

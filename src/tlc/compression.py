@@ -67,6 +67,7 @@ class StepRecord:
     finetune_epochs: float
     seconds: float
     note: str = ""
+    whole_branches: list[str] = field(default_factory=list)  # sites collapsed all off: their branch became a bias
 
 
 @dataclass
@@ -386,7 +387,8 @@ def _run_step(step: int, attempt: str, lin: nn.Module, selection: Selection, con
               run_eval: Callable[[nn.Module, Dataset], dict[str, float]], floor: float,
               say: Callable[[str], None]) -> tuple[StepRecord, nn.Module]:
     began = time.perf_counter()
-    say(f"step {step}: collapsing {', '.join(selection.sites)} (joint loss gap {selection.joint_gap:+.4f})")
+    whole = f"; whole residual branch off: {', '.join(selection.whole_branches)}" if selection.whole_branches else ""
+    say(f"step {step}: collapsing {', '.join(selection.sites)} (joint loss gap {selection.joint_gap:+.4f}{whole})")
     candidate = linearize(lin, selection.sites, example, selection.masks, policy=config.policy).to(dev)
     fit_dir = checkpoints / f"fit_{step:03d}{attempt}" if checkpoints is not None else None
     result = fit(candidate, train_data, config.finetune, collate_fn=collate_fn, device=dev,
@@ -406,7 +408,7 @@ def _run_step(step: int, attempt: str, lin: nn.Module, selection: Selection, con
         activations=structure["activations"], params=structure["params"], macs=structure["macs"],
         depth=structure["depth"], speedup=_speedup(original, deployed, example, config.latency_repeats, str(dev)),
         finetune_epochs=float(result.epochs), seconds=time.perf_counter() - began,
-        note="" if finite else "non-finite loss",
+        note="" if finite else "non-finite loss", whole_branches=selection.whole_branches,
     )
     if fit_dir is not None and fit_dir.is_dir():
         for name in [p.stem.split(".")[0] for p in fit_dir.glob("*.json")]:
@@ -510,7 +512,8 @@ def write_outputs(out: Path, result: CompressionResult, example: ExampleInputs) 
     lines = [",".join(fields)]
     for s in result.steps:
         row = asdict(s)
-        row["sites"] = " ".join(row["sites"])
+        for key in ("sites", "whole_branches"):
+            row[key] = " ".join(row[key])
         lines.append(",".join(_csv(row[f]) for f in fields))
     atomic_write_text(out / "steps.csv", "\n".join(lines) + "\n")
 

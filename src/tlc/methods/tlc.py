@@ -2,8 +2,10 @@
 
 Per candidate site: the Gaussian model of its pre-activation gives the channel split (mu <= 0 ->
 removed, else linearized); the loss gap of collapsing it is measured on calibration data; with
-``latency_aware`` the order weighs each gap against the MACs the collapse saves once merged. The
-multi-site rule then takes as many of the best candidates as the joint gap allows.
+``latency_aware`` the order weighs each gap against the MACs the collapse saves once merged. With
+``branch_removal``, a site whose residual branch the merge can turn into a bias is also a candidate
+with every channel off (the whole branch removed), ranked by its own gap and saving. The multi-site
+rule then takes as many of the best candidates as the joint gap allows.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class TLCConfig:
     max_sites_per_step: int = 4
     multi_site_rule: str = "tolerance"
     latency_aware: bool = True
+    branch_removal: bool = True  # latency-aware tolerance rule: a residual branch removed whole is a candidate
     calibration_size: int = 1024
     calibration_batch_size: int = 64
     policy: str = "macs"
@@ -76,7 +79,7 @@ class TLCConfig:
         multi-layer rule, full retraining per step (SGD 0.1, milestones at 50%/75%), stop at one
         activation left or validation accuracy < 20%."""
         base = cls(
-            preset="paper", multi_site_rule="official", latency_aware=False, calibration_size=128,
+            preset="paper", multi_site_rule="official", latency_aware=False, branch_removal=False, calibration_size=128,
             calibration_batch_size=128, max_sites_per_step=10**6, retry_single=False,
             finetune=FitConfig(epochs=160.0, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
                                milestones=(0.5, 0.75), gamma=0.1),
@@ -87,11 +90,18 @@ class TLCConfig:
 
 @dataclass(frozen=True)
 class Unit:
-    """Sites collapsed together as one candidate, with the MACs fraction it saves and its loss gap."""
+    """Sites collapsed together as one candidate, with the MACs fraction it saves and its loss gap.
+    ``whole_branch``: every channel off, so that the merge turns the residual branch behind the site into
+    a bias on the shortcut (instead of TLC's channel split)."""
 
     sites: tuple[str, ...]
     saving: float
     gap: float
+    whole_branch: bool = False
+
+    def masks(self, split: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The channel masks this unit collapses its sites with, given TLC's split."""
+        return {n: torch.zeros_like(split[n]) if self.whole_branch else split[n] for n in self.sites}
 
 
 @dataclass
@@ -111,6 +121,11 @@ class Selection:
         unit = self.units[0]
         return Selection(list(unit.sites), {n: self.masks[n] for n in unit.sites}, self.gaps, self.savings,
                          unit.gap, self.order, [unit])
+
+    @property
+    def whole_branches(self) -> list[str]:
+        """The chosen sites whose residual branch goes whole (every channel off)."""
+        return [n for u in self.units if u.whole_branch for n in u.sites]
 
 
 class NoCandidate(TLCError):
@@ -140,11 +155,11 @@ def site_masks(graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]]) ->
 
 
 def collapse_savings(model: nn.Module, graph: Graph, masks: dict[str, torch.Tensor], example_inputs: ExampleInputs,
-                     policy: str) -> dict[tuple[str, ...], float]:
+                     policy: str, pairs: bool = True) -> dict[tuple[str, ...], float]:
     """Fraction of the current (planned) deploy MACs that collapsing each site saves once merged, and
     each pair of adjacent sites whose joint collapse saves more than the two alone (the two
-    activations of an inverted residual only pay together). Only the sites in ``masks`` are
-    candidates; the others (set aside) stay activations."""
+    activations of an inverted residual only pay together; ``pairs=False`` skips them). Only the sites
+    in ``masks`` are candidates; the others (set aside) stay activations."""
     names = [s.name for s in graph.sites if s.name in masks]
     everything = trace(linearize(model, names, example_inputs, masks, exact=False, policy=policy), example_inputs)
     gates = gate_nodes(everything)
@@ -158,7 +173,7 @@ def collapse_savings(model: nn.Module, graph: Graph, masks: dict[str, torch.Tens
     now = cost(set())
     scale = max(now, 1)
     savings: dict[tuple[str, ...], float] = {(n,): max(now - cost({n}), 0) / scale for n in names}
-    for a, b in adjacent_sites(graph):
+    for a, b in adjacent_sites(graph) if pairs else []:
         if a not in masks or b not in masks:
             continue
         pair = max(now - cost({a, b}), 0) / scale
@@ -192,18 +207,37 @@ def order_units(units: list[Unit], latency_aware: bool, tolerance: float) -> lis
     return sorted(units, key=lambda u: (-u.saving / (max(u.gap, 0.0) + eps), u.gap, u.sites))
 
 
-def _prefixes(order: list[Unit], max_sites: int) -> list[list[str]]:
-    """Growing site sets taken from the ordered units (overlapping units skipped)."""
-    chosen: list[str] = []
+def _prefixes(order: list[Unit], max_sites: int) -> list[list[Unit]]:
+    """Growing unit sets taken from the ordered units (units sharing a site with one taken are skipped)."""
+    chosen: list[Unit] = []
     prefixes = []
     for unit in order:
-        if any(s in chosen for s in unit.sites):
+        if any(s in c.sites for c in chosen for s in unit.sites):
             continue
-        if prefixes and len(chosen) + len(unit.sites) > max_sites:
+        if prefixes and sum(len(c.sites) for c in chosen) + len(unit.sites) > max_sites:
             break
-        chosen = chosen + list(unit.sites)
+        chosen = chosen + [unit]
         prefixes.append(chosen)
     return prefixes
+
+
+def _masks(units: Sequence[Unit], split: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The channel masks of every site the units collapse."""
+    return {n: m for u in units for n, m in u.masks(split).items()}
+
+
+def whole_branch_units(model: nn.Module, graph: Graph, masks: dict[str, torch.Tensor],
+                       savings: dict[tuple[str, ...], float], example_inputs: ExampleInputs, policy: str,
+                       ranking: LossGaps) -> list[Unit]:
+    """Candidates with every channel of one site off, for the sites where that saves more than TLC's split
+    (the merge turns a residual branch whose site is all off into a bias; elsewhere the layers stay)."""
+    zeros = {n: torch.zeros_like(m) for n, m in masks.items() if m.any() and not disconnects(graph, n)}
+    if not zeros:
+        return []
+    whole = collapse_savings(model, graph, zeros, example_inputs, policy, pairs=False)
+    names = [n for n in zeros if whole[(n,)] > savings[(n,)] + 1e-12]
+    gaps = ranking.gaps([{n: zeros[n]} for n in names])
+    return [Unit((n,), whole[(n,)], g, whole_branch=True) for n, g in zip(names, gaps)]
 
 
 def official_count(order: list[str], gaps: dict[str, float], joint_gap: Callable[[list[str]], float]) -> int:
@@ -247,18 +281,20 @@ def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torc
         pairs = [u for u in savings if len(u) > 1]
         units = [Unit((n,), savings[(n,)], g) for n, g in gaps.items()]
         units += [Unit(p, savings[p], g) for p, g in zip(pairs, joint_gaps([list(p) for p in pairs]))]
+        if config.branch_removal and config.multi_site_rule == "tolerance":
+            units += whole_branch_units(model, graph, masks, savings, example_inputs, config.policy, ranking)
     order = order_units(units, config.latency_aware, config.gap_tolerance)
     if config.multi_site_rule == "official":
         names = [u.sites[0] for u in order]
         k = official_count(names, gaps, lambda sites: joint_gaps([sites])[0])
-        chosen = names[:k]
-        joint = gaps[chosen[0]] if k == 1 else joint_gaps([chosen])[0]
+        units_chosen = [Unit((n,), savings.get((n,), 0.0), gaps[n]) for n in names[:k]]
+        joint = gaps[names[0]] if k == 1 else joint_gaps([names[:k]])[0]
     else:
         prefixes = _prefixes(order, config.max_sites_per_step)
-        joint_list = [order[0].gap] + joint_gaps(prefixes[1:])
+        joint_list = [order[0].gap] + ranking.gaps([_masks(p, masks) for p in prefixes[1:]])
         k = tolerance_count(joint_list, config.gap_tolerance)
-        chosen, joint = prefixes[k - 1], joint_list[k - 1]
-    units_chosen = [u for u in order if set(u.sites) <= set(chosen)] if config.multi_site_rule != "official" \
-        else [Unit((n,), savings.get((n,), 0.0), gaps[n]) for n in chosen]
-    return Selection(chosen, {n: masks[n] for n in chosen}, gaps, {"+".join(u): v for u, v in savings.items()},
-                     joint, [n for u in order for n in u.sites if len(u.sites) == 1], units_chosen)
+        units_chosen, joint = prefixes[k - 1], joint_list[k - 1]
+    chosen = _masks(units_chosen, masks)
+    return Selection(list(chosen), chosen, gaps, {"+".join(u): v for u, v in savings.items()},
+                     joint, [n for u in order for n in u.sites if len(u.sites) == 1 and not u.whole_branch],
+                     units_chosen)
