@@ -30,4 +30,7 @@ $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epoch
 # the paper preset retraining each step as long as the base was trained (15 epochs), as the official code does
 $PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 1.0 --paper-finetune-epochs 15 --tag=-ft1-p15 --preset paper --paper-max-steps 3 --threads 1
 $PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 1.0 --paper-finetune-epochs 15 --tag=-ft1-p15 --preset default --threads 1
+# residual branches removed whole (branch_removal, the default) against TLC's channel split alone, one base model
+$PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --preset default --tag=-ft1-split --no-branch-removal --threads 1
+$PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --preset default --tag=-ft1-branch --threads 1
 $PY benchmarks/results.py

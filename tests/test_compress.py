@@ -364,6 +364,10 @@ def _nearly_dead_branch() -> nn.Module:
     return model
 
 
+def _convs(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 def test_a_residual_branch_removed_whole_is_a_candidate_of_its_own(tmp_path):
     from tlc.graph import trace
     from tlc.methods.tlc import select, whole_branch_units
@@ -380,10 +384,7 @@ def test_a_residual_branch_removed_whole_is_a_candidate_of_its_own(tmp_path):
     assert whole.saving > selection.savings["r1"] and whole.gap == pytest.approx(selection.gaps["r1"], abs=1e-6)
     lin = tlc.linearize(model, selection.sites, x, selection.masks).eval()
     dep = tlc.merge(lin, x)
-    def convs(m: nn.Module) -> int:
-        return sum(isinstance(c, nn.Conv2d) for c in m.modules())
-
-    assert convs(dep) == convs(tlc.merge(model, x)) - 2 == 1  # c1 and c2 gone; c0 takes the branch's bias
+    assert _convs(dep) == _convs(tlc.merge(model, x)) - 2 == 1  # c1 and c2 gone; c0 takes the branch's bias
     y = torch.randn(4, 3, 8, 8)
     assert torch.allclose(lin(y), dep(y), atol=1e-5)
 
