@@ -24,3 +24,8 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+def weight_layers(model: nn.Module) -> int:
+    """Convolutions and linear layers in ``model`` (what a merge folds together)."""
+    return sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())

@@ -19,6 +19,8 @@ from tlc.train import FitConfig
 from tlc.zoo.data import load_data
 from tlc.zoo.models import build_model
 
+from .helpers import weight_layers
+
 FAST = TLCConfig(finetune=FitConfig(epochs=0.3, lr=0.01, batch_size=32), calibration_size=64,
                  calibration_batch_size=32, max_steps=2, latency_repeats=3, max_acc_drop=100.0)
 
@@ -364,10 +366,6 @@ def _nearly_dead_branch() -> nn.Module:
     return model
 
 
-def _convs(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
 def test_a_residual_branch_removed_whole_is_a_candidate_of_its_own(tmp_path):
     from tlc.graph import trace
     from tlc.methods.tlc import select, whole_branch_units
@@ -384,7 +382,7 @@ def test_a_residual_branch_removed_whole_is_a_candidate_of_its_own(tmp_path):
     assert whole.saving > selection.savings["r1"] and whole.gap == pytest.approx(selection.gaps["r1"], abs=1e-6)
     lin = tlc.linearize(model, selection.sites, x, selection.masks).eval()
     dep = tlc.merge(lin, x)
-    assert _convs(dep) == _convs(tlc.merge(model, x)) - 2 == 1  # c1 and c2 gone; c0 takes the branch's bias
+    assert weight_layers(dep) == weight_layers(tlc.merge(model, x)) - 2 == 2  # c1, c2 gone; c0 takes their bias, fc
     y = torch.randn(4, 3, 8, 8)
     assert torch.allclose(lin(y), dep(y), atol=1e-5)
 

@@ -13,7 +13,7 @@ from tlc.errors import VerificationError
 from tlc.surgery import compose
 from tlc.zoo.cifar import cifar_mobilenet_v2, cifar_resnet18
 
-from .helpers import randomize_bn, rel_err
+from .helpers import randomize_bn, rel_err, weight_layers
 
 
 def _resnet():
@@ -233,10 +233,6 @@ def _collapse_all_off(model: nn.Module, x: torch.Tensor, names: list[str]) -> tu
     return lin, (before - after) / before, estimate
 
 
-def _layers(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
-
-
 @pytest.mark.parametrize("site,shortcut,shallower", [
     ("layer1.1.relu1", "ChannelAffine", 2),  # identity shortcut: the block becomes a per-channel bias
     ("layer2.0.relu1", "Conv2d(8->16, 1x1, stride=2)", 1),  # projection shortcut: the constant joins its bias
@@ -251,7 +247,7 @@ def test_a_residual_block_whose_branch_is_constant_becomes_a_bias(site, shortcut
     dep = tlc.merge(lin, x)
     y = torch.randn(4, 3, 16, 16)
     assert rel_err(lin(y), dep(y)) < 1e-5
-    assert _layers(dep) == _layers(tlc.merge(model, x)) - 2
+    assert weight_layers(dep) == weight_layers(tlc.merge(model, x)) - 2
     assert depth(dep, x) == depth(tlc.merge(model, x), x) - shallower
     assert saved > 0.05 and saved == pytest.approx(estimate, abs=1e-9)
     block = site.rsplit(".", 1)[0]
@@ -280,5 +276,5 @@ def test_a_constant_mlp_branch_folds_into_the_next_linear_layer():
     y = torch.randn(7, 6)
     assert rel_err(lin(y), dep(y)) < 1e-6
     assert rel_err(model.head(model.act0(model.fc0(y)) + model.fc2.bias), dep(y)) < 1e-6
-    assert _layers(dep) == 2  # fc0 and the head with the branch's constant in its bias
+    assert weight_layers(dep) == 2  # fc0 and the head with the branch's constant in its bias
     assert saved == pytest.approx(estimate, abs=1e-9)
