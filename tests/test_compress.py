@@ -398,3 +398,24 @@ def test_a_residual_branch_removed_whole_is_a_candidate_of_its_own(tmp_path):
     assert step.whole_branches == ["r1"] and "r1" in step.sites
     header, row = (tmp_path / "run" / "steps.csv").read_text().splitlines()
     assert header.endswith(",note,whole_branches") and row.endswith(",,r1")
+
+
+def test_compress_refuses_to_report_success_when_its_folder_does_not_load_back(trained, digits, tmp_path,
+                                                                               monkeypatch):
+    """The output folder is loaded back and compared before compress returns: a folder that rebuilds
+    another function is a clear error at the end of the run, not a broken result found later."""
+    import tlc.io.recipe as recipe
+
+    model, _ = trained
+    real_load = recipe.load
+
+    def load_with_a_drifted_weight(directory, **kwargs):
+        loaded = real_load(directory, **kwargs)
+        with torch.no_grad():
+            next(p for p in loaded.parameters() if p.dim() > 1).mul_(1.5)
+        return loaded
+
+    monkeypatch.setattr(recipe, "load", load_with_a_drifted_weight)
+    with pytest.raises(tlc.TLCError, match="loads back as another function"):
+        _run(model, digits, tmp_path / "run", max_steps=1)
+    assert (tmp_path / "run" / "report.json").is_file()  # what was written stays, for the bug report

@@ -26,6 +26,7 @@ import tlc
 from tlc._inputs import ExampleInputs, to_device
 from tlc.errors import SpecError, TLCError
 from tlc.graph import trace
+from tlc.io.recipe import check_reload, save
 from tlc.measure import compare, count_macs, count_params, depth
 from tlc.measure.compare import si
 from tlc.measure.latency import rebatch
@@ -320,6 +321,7 @@ def compress(
                      run_eval, latency_batch_sizes, latency_backends, device, start, model_spec, data_spec)
     if out is not None:
         write_outputs(out, result, example)
+        check_reload(out, result.model, example, model=None if model_spec else original)
     return result
 
 
@@ -503,7 +505,6 @@ def network_map(original: nn.Module, deployed: nn.Module, example: ExampleInputs
 
 def write_outputs(out: Path, result: CompressionResult, example: ExampleInputs) -> None:
     """report.json, steps.csv, recipe.json + weights.safetensors (the deploy form) in ``out``."""
-    from tlc.io.recipe import save
 
     out.mkdir(parents=True, exist_ok=True)
     save(result.model, out, example_inputs=example)

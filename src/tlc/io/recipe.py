@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from tlc._inputs import ExampleInputs
-from tlc.errors import SpecError
+from tlc._inputs import ExampleInputs, max_relative_error, run
+from tlc.errors import SpecError, TLCError
 from tlc.surgery.linearize import restore
 from tlc.surgery.merge import merge
 from tlc.train.checkpoint import atomic_write_json
@@ -107,8 +107,8 @@ def load(directory: str | Path, *, model: nn.Module | None = None, device: str =
     example = build_inputs(recipe["example_inputs"])
     record = recipe.get("record") or {}
     rebuilt = restore(original, record, example) if record.get("sites") else original
-    if recipe["form"] == "deploy":
-        rebuilt = merge(rebuilt, example, policy=record.get("policy"))
+    if recipe["form"] == "deploy":  # the saved weights, not the fresh ones, are what the merge must match
+        rebuilt = merge(rebuilt, example, policy=record.get("policy"), verify=False, zeros=record.get("zeros"))
     weights = load_file(str(folder / recipe.get("weights", WEIGHTS)))
     missing, unexpected = rebuilt.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -116,6 +116,35 @@ def load(directory: str | Path, *, model: nn.Module | None = None, device: str =
                         f"unexpected weights (e.g. {', '.join((missing + unexpected)[:3])})")
     rebuilt._tlc_record = dict(record, model=recipe.get("model"))
     return rebuilt.to(device).eval()
+
+
+def check_reload(directory: str | Path, expected: nn.Module, example_inputs: ExampleInputs, *,
+                 model: nn.Module | None = None, tolerance: float = 1e-6) -> float:
+    """Load ``directory`` back and check that it computes what ``expected`` computes on the example
+    inputs (relative error within ``tolerance``); returns the error, raises :class:`TLCError` otherwise.
+
+    ``model`` stands in for the architecture when the recipe names no model spec: its values are
+    replaced by ones first, so that the rebuilt structure comes from the recipe, as it does for a
+    freshly built model, and never from the weights it happens to hold.
+    """
+    stand_in = None
+    if model is not None:
+        stand_in = copy.deepcopy(model)
+        with torch.no_grad():
+            for tensor in [*stand_in.parameters(), *stand_in.buffers()]:
+                if tensor.is_floating_point():
+                    tensor.fill_(1.0)
+    device = next((p.device for p in expected.parameters()), torch.device("cpu"))
+    try:
+        loaded = load(directory, model=stand_in, device=str(device))
+        err = max_relative_error(run(expected, example_inputs), run(loaded, example_inputs))
+    except TLCError as exc:
+        raise TLCError(f"{directory} was written but does not load back ({exc}); this is a bug in tlc, "
+                       "please report it with the model") from exc
+    if not err <= tolerance:
+        raise TLCError(f"{directory} was written but loads back as another function (relative error {err:.1e} > "
+                       f"{tolerance:.0e}); this is a bug in tlc, please report it with the model")
+    return err
 
 
 def _read_recipe(folder: Path) -> dict[str, Any]:

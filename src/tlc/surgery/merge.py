@@ -8,7 +8,7 @@ and the graph pass :func:`merge`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +22,9 @@ from tlc.errors import MergeError, TLCError, VerificationError
 from tlc.graph import Graph, trace
 from tlc.ops import Kind
 from tlc.surgery import compose
-from tlc.surgery.affine import Map
+from tlc.surgery.affine import Infeasible, Map
 from tlc.surgery.modules import ChannelAffine
-from tlc.surgery.plan import MergeGroup, Plan, Planner, exit_map
+from tlc.surgery.plan import MergeGroup, Plan, Planner, assume_zeros, exit_map, value_zeros
 
 DEFAULT_TOLERANCE = 1e-4
 _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -171,6 +171,7 @@ def merge(
     policy: str | None = None,
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
+    zeros: Mapping[str, Mapping[str, list[int]]] | None = None,
 ) -> fx.GraphModule:
     """The deploy form of ``model``: batch norms folded, linear chains merged where the policy says it
     pays, gated channels removed, verified to match ``model`` within ``tolerance`` (relative, fp32).
@@ -178,10 +179,21 @@ def merge(
     ``policy`` is ``"macs"`` (default: merge only when it does not add MACs), ``"always"`` (fewest
     layers) or ``"never"`` (fold batch norms and gates only); by default the policy recorded by
     ``linearize`` is used. ``model`` is not modified; the result is in eval mode.
+
+    The structure of the result depends on which per-channel parameters are exactly zero (removed
+    channels, a constant branch that becomes a bias); the deploy form records them
+    (``_tlc_record["zeros"]``), and ``zeros=`` replays them, so that :func:`tlc.load` rebuilds the
+    same layers from a freshly built model before loading the saved weights.
     """
     record = dict(getattr(model, "_tlc_record", {}) or {})
     policy = policy or record.get("policy") or "macs"
     graph = trace(model, example_inputs)
+    if zeros is not None:
+        try:
+            assume_zeros(graph, zeros)
+        except Infeasible as exc:
+            raise MergeError(str(exc)) from exc
+    record["zeros"] = value_zeros(graph)
     plan = Planner(graph, policy).plan()
     deployed, report = realize(graph, plan, policy)
     if verify:

@@ -468,6 +468,43 @@ def _zeros_of(info: Any, key: str) -> frozenset[int]:
     return cache[key]
 
 
+# The per-channel parameters whose exact zeros decide the structure of a merge (removed channels, a
+# constant branch that becomes a bias): batch norm scale and shift, gate and layer-scale factors.
+_ZERO_KEYS = {Kind.BN: ("scale", "shift"), Kind.SCALE: ("scale",)}
+
+
+def value_zeros(graph: Graph) -> dict[str, dict[str, list[int]]]:
+    """The zero channels of every per-channel op's parameters, by node name (non-empty ones only).
+
+    The plan depends on these values, not only on the architecture: recorded with a deploy form, they
+    let :func:`tlc.load` rebuild the same structure from a freshly built model (see :func:`assume_zeros`).
+    """
+    found: dict[str, dict[str, list[int]]] = {}
+    for node in graph.nodes:
+        info = graph.info[node]
+        for key in _ZERO_KEYS.get(info.kind, ()):
+            if isinstance(info.params.get(key), torch.Tensor):
+                zeros = _zeros_of(info, key)
+                if zeros:
+                    found.setdefault(node.name, {})[key] = sorted(zeros)
+    return found
+
+
+def assume_zeros(graph: Graph, recorded: dict[str, dict[str, list[int]]]) -> None:
+    """Plan ``graph`` as if its per-channel parameters had the zeros ``recorded`` by :func:`value_zeros`
+    (and no others), whatever its current values: the structure of a saved deploy form, rebuilt before
+    its weights are loaded."""
+    names = {node.name for node in graph.nodes}
+    unknown = sorted(set(recorded) - names)
+    if unknown:
+        raise Infeasible(f"recorded zero channels name operations the model does not have: {', '.join(unknown[:3])}")
+    for node in graph.nodes:
+        info = graph.info[node]
+        keys = _ZERO_KEYS.get(info.kind, ())
+        if keys:
+            info.params["_zeros"] = {k: frozenset(recorded.get(node.name, {}).get(k, ())) for k in keys}
+
+
 def exit_map(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...]) -> Map:
     """Numeric map of a group's exit. Dense groups that narrow are composed from the exit backwards,
     which costs (exit width) x (layer sizes) instead of (entry width) x (layer sizes)."""
