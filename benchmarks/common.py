@@ -24,8 +24,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tlc  # noqa: E402
-from tlc.compression import CompressionResult, compress  # noqa: E402
-from tlc.methods.tlc import TLCConfig  # noqa: E402
+from tlc.methods.base import build_configs  # noqa: E402
+from tlc.methods.tlc import TLC, TLCConfig  # noqa: E402
+from tlc.run.config import RunConfig  # noqa: E402
+from tlc.run.loop import CompressionResult, compress  # noqa: E402
 from tlc.train import FitConfig, evaluate, fit  # noqa: E402
 from tlc.train.checkpoint import atomic_write_json  # noqa: E402
 
@@ -100,18 +102,43 @@ def train_base(model: nn.Module, data: Any, recipe: FitConfig, directory: Path, 
     return info
 
 
-def run(model: nn.Module, data: Any, config: TLCConfig, directory: Path, *, spec: Any, device: str = "cpu",
+@dataclasses.dataclass
+class Setup:
+    """The settings of one TLC benchmark run: shared (RunConfig) and TLC's own."""
+
+    run: RunConfig
+    method: TLCConfig
+
+    @property
+    def finetune(self) -> FitConfig:
+        return self.run.finetune
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+    @property
+    def distill(self) -> Any:
+        return self.run.distill
+
+
+def tlc_setup(preset: str, **settings: Any) -> Setup:
+    """TLC's ``preset`` with ``settings`` (shared or TLC's own) replaced."""
+    return Setup(*build_configs(TLC, preset, settings))
+
+
+def run(model: nn.Module, data: Any, config: Setup, directory: Path, *, spec: Any, device: str = "cpu",
         batch_sizes: tuple[int, ...] = (1, 64), backends: tuple[str, ...] = ("eager", "onnxruntime")
         ) -> CompressionResult:
     """One compression run, resumed when ``directory`` already holds a partial one."""
     resume = (directory / "checkpoints").is_dir()
-    return compress(model, data.train, data.val, config=config, test_data=data.test, collate_fn=data.collate_fn,
-                    example_inputs=data.example_inputs(2), out_dir=directory, resume=resume, device=device,
-                    model_spec=spec.to_json(), data_spec=data.name, latency_batch_sizes=batch_sizes,
-                    latency_backends=backends)
+    return compress(model, data.train, data.val, config=config.run, method_config=config.method, test_data=data.test,
+                    collate_fn=data.collate_fn, example_inputs=data.example_inputs(2), out_dir=directory,
+                    resume=resume, device=device, model_spec=spec.to_json(), data_spec=data.name,
+                    latency_batch_sizes=batch_sizes, latency_backends=backends)
 
 
-def finetune_alone(model: nn.Module, data: Any, configs: dict[str, TLCConfig], directory: Path, *, tag: str = "",
+def finetune_alone(model: nn.Module, data: Any, configs: dict[str, Setup], directory: Path, *, tag: str = "",
                    device: str = "cpu") -> dict[str, Any]:
     """Each preset's per-step fine-tuning applied once to a copy of the base model with nothing collapsed
     (distilled from the base model when the preset distils): the accuracy change that fine-tuning recipe

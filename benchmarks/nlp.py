@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import RUNS, add_run_arguments, headline, run, summary, train_base, write_summary
+from common import RUNS, add_run_arguments, headline, run, summary, tlc_setup, train_base, write_summary
 
-from tlc.methods.tlc import TLCConfig
 from tlc.train import DistillConfig, FitConfig
 from tlc.zoo.data import load_data
 from tlc.zoo.models import build_model, load_tokenizer
@@ -42,11 +41,11 @@ def main() -> None:
     finetune = FitConfig(epochs=args.finetune_epochs, optimizer="adamw", lr=2e-5, weight_decay=0.01,
                          schedule="cosine", batch_size=32)
     presets = {
-        "default": TLCConfig(max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=512,
+        "default": tlc_setup("default", max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=512,
                              calibration_batch_size=32, finetune=finetune, target_speedup=args.target_speedup,
                              distill=DistillConfig() if args.distill else None,
                              branch_removal=args.branch_removal),
-        "paper": TLCConfig.paper(max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_batch_size=32,
+        "paper": tlc_setup("paper", max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_batch_size=32,
                                  budget_patience=2, target_speedup=args.target_speedup, finetune=FitConfig(
                                      epochs=3.0, optimizer="adamw", lr=2e-5, weight_decay=0.01, schedule="constant",
                                      batch_size=32)),

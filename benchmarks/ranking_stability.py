@@ -10,7 +10,6 @@ correlation and the overlap of the five best sites.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from common import write_summary
 from safetensors.torch import load_file
 
 import tlc
-from tlc.compression import calibration_batches
 from tlc.criteria.loss_gap import LossGaps
-from tlc.methods.tlc import TLCConfig, site_masks
+from tlc.methods.tlc import site_masks
+from tlc.run.config import RunConfig
+from tlc.run.data import calibration_batches
 from tlc.zoo.data import load_data
 from tlc.zoo.models import ModelSpec, load_tokenizer
 
@@ -68,7 +68,7 @@ def main() -> None:
     for size in args.sizes:
         gaps = []
         for seed in (0, 1):
-            config = dataclasses.replace(TLCConfig(), calibration_size=size, seed=seed)
+            config = RunConfig(calibration_size=size, seed=seed)
             batches = calibration_batches(data.val, config, data.collate_fn, torch.device("cpu"))
             gaps.append(LossGaps(graph, batches).single_gaps(site_masks(graph, batches)))
         names = list(gaps[0])

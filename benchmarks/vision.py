@@ -22,6 +22,7 @@ import json
 import torch
 from common import (
     RUNS,
+    Setup,
     add_run_arguments,
     finetune_alone,
     folded_baseline,
@@ -29,11 +30,11 @@ from common import (
     machine,
     run,
     summary,
+    tlc_setup,
     train_base,
     write_summary,
 )
 
-from tlc.methods.tlc import TLCConfig
 from tlc.train import DistillConfig, FitConfig
 from tlc.zoo.data import load_data
 from tlc.zoo.models import build_model
@@ -45,15 +46,16 @@ MODELS = {
 }
 
 
-def configs(args: argparse.Namespace) -> dict[str, TLCConfig]:
-    default = TLCConfig(
+def configs(args: argparse.Namespace) -> dict[str, Setup]:
+    default = tlc_setup(
+        "default",
         max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=1024,
         distill=DistillConfig() if args.distill else None, branch_removal=args.branch_removal,
         finetune=FitConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine", batch_size=128),
     )
     paper_epochs = args.paper_finetune_epochs or 5 * args.finetune_epochs
-    paper = TLCConfig.paper(
-        max_acc_drop=args.max_acc_drop, seed=args.seed, budget_patience=2, max_steps=args.paper_max_steps,
+    paper = tlc_setup(
+        "paper", max_acc_drop=args.max_acc_drop, seed=args.seed, budget_patience=2, max_steps=args.paper_max_steps,
         finetune=FitConfig(epochs=paper_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
                            schedule="step", milestones=(0.5, 0.75), gamma=0.1, batch_size=128),
     )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
 import torch
 from torch import nn
 
@@ -29,3 +33,31 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def weight_layers(model: nn.Module) -> int:
     """Convolutions and linear layers in ``model`` (what a merge folds together)."""
     return sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
+
+
+@contextmanager
+def second_fine_tuning_interrupted(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The compression run inside the block is interrupted (KeyboardInterrupt) when its second fine-tuning
+    starts, as a user's Ctrl-C would; the block must end with that interruption."""
+    import tlc.run.loop as engine
+
+    real_fit, calls = engine.fit, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(engine, "fit", real_fit)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Bit-identical state dicts, names included."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)

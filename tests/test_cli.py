@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tlc.cli import main
-from tlc.methods.tlc import TLCConfig
 
 
 def _error(capsys, argv):
@@ -63,15 +62,34 @@ def test_argument_errors_exit_2(capsys):
     assert exc.value.code == 2
 
 
-def test_compress_options_reach_the_tlc_config():
+def test_compress_options_reach_the_run_and_method_configs():
     from tlc.cli import _config, _parser
+    from tlc.methods.tlc import PAPER, TLC
+    from tlc.run.config import RunConfig
 
     args = _parser().parse_args(["compress", "--model", "tlc:tiny_cnn", "--data", "digits", "--out", "x",
-                                 "--rejection-patience", "1", "--gap-tolerance", "0.5", "--preset", "paper"])
-    config = _config(args)
-    assert (config.rejection_patience, config.gap_tolerance) == (1, 0.5)
-    assert config.finetune.epochs == TLCConfig.paper().finetune.epochs
-    assert _config(_parser().parse_args(["compress", "--model", "m", "--data", "d", "--out", "x"])) == TLCConfig()
+                                 "--rejection-patience", "1", "--gap-tolerance", "0.5", "--preset", "paper",
+                                 "--set", "branch_removal=true", "--set", "max_sites_per_step=3"])
+    cls, run, own = _config(args)
+    assert cls is TLC and run.preset == "paper"
+    assert (run.rejection_patience, own.gap_tolerance, own.max_sites_per_step) == (1, 0.5, 3)
+    assert own.branch_removal and own.multi_site_rule == PAPER["multi_site_rule"]
+    assert run.finetune.epochs == PAPER["finetune"].epochs
+    cls, run, own = _config(_parser().parse_args(["compress", "--model", "m", "--data", "d", "--out", "x"]))
+    assert run == RunConfig() and own == TLC.Config()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--method", "nope"], "unknown method"),
+    (["--preset", "fastest"], "no preset"),
+    (["--set", "gap_tolerance"], "KEY=VALUE"),
+    (["--set", "latency_aware=maybe"], "latency_aware"),
+    (["--set", "max_sites_per_step=0"], "max_sites_per_step"),
+])
+def test_bad_method_settings_are_refused_before_any_work(capsys, tmp_path, argv, expected):
+    line = _error(capsys, ["compress", "--model", "nope:thing", "--data", "digits", "--out", str(tmp_path / "o"),
+                           *argv])
+    assert expected in line  # the model spec is bad too: the settings were checked first
 
 
 def test_reports_record_the_image_size_the_data_was_loaded_at():

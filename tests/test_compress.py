@@ -11,17 +11,18 @@ from torch import nn
 from torch.utils.data import Subset
 
 import tlc
-from tlc.compression import compress
 from tlc.errors import SpecError
 from tlc.io.recipe import load
 from tlc.methods.tlc import TLCConfig, Unit, _prefixes, official_count, tolerance_count
+from tlc.run.config import RunConfig
+from tlc.run.loop import compress
 from tlc.train import FitConfig
 from tlc.zoo.data import load_data
 from tlc.zoo.models import build_model
 
-from .helpers import weight_layers
+from .helpers import same_weights, second_fine_tuning_interrupted, weight_layers
 
-FAST = TLCConfig(finetune=FitConfig(epochs=0.3, lr=0.01, batch_size=32), calibration_size=64,
+FAST = RunConfig(finetune=FitConfig(epochs=0.3, lr=0.01, batch_size=32), calibration_size=64,
                  calibration_batch_size=32, max_steps=2, latency_repeats=3, max_acc_drop=100.0)
 
 
@@ -41,8 +42,7 @@ def trained(digits):
 
 def _run(model, digits, out=None, **overrides):
     data, train, val = digits
-    config = dataclasses.replace(FAST, **overrides)
-    return compress(model, train, val, config=config, example_inputs=data.example_inputs(2), out_dir=out,
+    return compress(model, train, val, config=FAST, **overrides, example_inputs=data.example_inputs(2), out_dir=out,
                     progress=False, log=None, model_spec=None, data_spec="digits")
 
 
@@ -89,17 +89,17 @@ def test_budget_rejects_a_step_and_keeps_the_previous_model(trained, digits):
 
 
 def test_a_rejected_step_sets_its_sites_aside_and_tries_the_next_candidates(trained, digits, monkeypatch):
-    import tlc.compression as engine
+    import tlc.run.loop as engine
 
     model, _ = trained
-    real_step = engine._run_step
+    real_step = engine._try
 
     def over_budget(*args, **kwargs):  # every step misses the budget
-        record, candidate = real_step(*args, **kwargs)
+        record, candidate, edits = real_step(*args, **kwargs)
         record.within_budget = False
-        return record, candidate
+        return record, candidate, edits
 
-    monkeypatch.setattr(engine, "_run_step", over_budget)
+    monkeypatch.setattr(engine, "_try", over_budget)
     result = _run(model, digits, max_steps=5, retry_single=False, rejection_patience=2)
     assert [(s.step, s.accepted) for s in result.steps] == [(1, False), (2, False)]
     assert result.stop_reason == "accuracy budget spent (2 rejected steps in a row)"
@@ -110,17 +110,17 @@ def test_a_rejected_step_sets_its_sites_aside_and_tries_the_next_candidates(trai
 @pytest.mark.parametrize("keep_checkpoints", [False, True])
 def test_after_a_rejected_step_the_next_kept_step_is_the_result(trained, digits, monkeypatch, tmp_path,
                                                                   keep_checkpoints):
-    import tlc.compression as engine
+    import tlc.run.loop as engine
 
     model, _ = trained
-    real_step = engine._run_step
+    real_step = engine._try
 
-    def first_over_budget(step, *args, **kwargs):
-        record, candidate = real_step(step, *args, **kwargs)
+    def first_over_budget(loop, step, *args, **kwargs):
+        record, candidate, edits = real_step(loop, step, *args, **kwargs)
         record.within_budget = step != 1
-        return record, candidate
+        return record, candidate, edits
 
-    monkeypatch.setattr(engine, "_run_step", first_over_budget)
+    monkeypatch.setattr(engine, "_try", first_over_budget)
     result = _run(model, digits, tmp_path / "run" if keep_checkpoints else None, max_steps=2, retry_single=False)
     assert [(s.step, s.accepted) for s in result.steps] == [(1, False), (2, True)]
     assert result.chosen_step == 2
@@ -141,7 +141,7 @@ def test_a_run_started_before_a_setting_existed_still_resumes(trained, digits, t
         state_file.write_text(json.dumps(state))
 
     def resume(**overrides):
-        return compress(model, train, val, config=dataclasses.replace(FAST, max_steps=1, **overrides),
+        return compress(model, train, val, config=FAST, max_steps=1, **overrides,
                         example_inputs=data.example_inputs(2), out_dir=out, resume=True, progress=False, log=None,
                         model_spec=None, data_spec="digits")
 
@@ -159,7 +159,7 @@ def test_a_resumed_run_may_change_only_when_it_stops(trained, digits, tmp_path):
     data, train, val = digits
 
     def resume(**overrides):
-        return compress(model, train, val, config=dataclasses.replace(FAST, **overrides), out_dir=tmp_path / "cut",
+        return compress(model, train, val, config=FAST, **overrides, out_dir=tmp_path / "cut",
                         example_inputs=data.example_inputs(2), resume=True, progress=False, log=None,
                         model_spec=None, data_spec="digits")
 
@@ -189,20 +189,8 @@ def test_save_load_round_trip(trained, digits, tmp_path):
 def test_resume_after_an_interruption_gives_the_same_result(trained, digits, tmp_path, monkeypatch):
     model, _ = trained
     full = _run(model, digits, tmp_path / "full")
-    import tlc.compression as engine
-
-    real_fit, calls = engine.fit, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "fit", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with second_fine_tuning_interrupted(monkeypatch):
         _run(model, digits, tmp_path / "cut")
-    monkeypatch.setattr(engine, "fit", real_fit)
     with pytest.raises(tlc.SpecError, match="already holds a run"):
         _run(model, digits, tmp_path / "cut")
     data, train, val = digits
@@ -210,10 +198,9 @@ def test_resume_after_an_interruption_gives_the_same_result(trained, digits, tmp
                        resume=True, progress=False, log=None, model_spec=None, data_spec="digits")
     assert [s.sites for s in resumed.steps] == [s.sites for s in full.steps]
     assert resumed.report["wall_time_s"] >= sum(s.seconds for s in resumed.steps)  # the time before the cut counts
-    for a, b in zip(resumed.training_model.state_dict().values(), full.training_model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert same_weights(resumed.training_model, full.training_model)
     with pytest.raises(tlc.SpecError, match="other settings"):
-        compress(model, train, val, config=dataclasses.replace(FAST, seed=1), example_inputs=data.example_inputs(2),
+        compress(model, train, val, config=FAST, seed=1, example_inputs=data.example_inputs(2),
                  out_dir=tmp_path / "cut", resume=True, progress=False, log=None, data_spec="digits")
 
 
@@ -244,8 +231,8 @@ def tiny_bert(tmp_path_factory):
 
 def test_bert_path_measures_gelu_statistics_and_merges_the_ffn(tiny_bert):
     model, data = tiny_bert
-    config = dataclasses.replace(FAST, max_steps=1, calibration_size=24)
-    result = compress(model, data.train, data.val, config=config, collate_fn=data.collate_fn,
+    result = compress(model, data.train, data.val, config=FAST, max_steps=1, calibration_size=24,
+                      collate_fn=data.collate_fn,
                       example_inputs=data.example_inputs(2), progress=False, log=None)
     assert result.steps[0].sites[0].endswith("intermediate.intermediate_act_fn")
     assert result.compressed["depth"] < result.original["depth"]
@@ -254,20 +241,19 @@ def test_bert_path_measures_gelu_statistics_and_merges_the_ffn(tiny_bert):
 def test_a_set_aside_site_of_an_exported_model_stays_out_of_the_next_ranking(tiny_bert, monkeypatch):
     """torch.export-traced models leave no gate node for a site that is not linearized: the savings of the
     step after a rejected one must not look one up for the set-aside site."""
-    import tlc.compression as engine
+    import tlc.run.loop as engine
 
     model, data = tiny_bert
-    real_step = engine._run_step
+    real_step = engine._try
 
     def over_budget(*args, **kwargs):
-        record, candidate = real_step(*args, **kwargs)
+        record, candidate, edits = real_step(*args, **kwargs)
         record.within_budget = False
-        return record, candidate
+        return record, candidate, edits
 
-    monkeypatch.setattr(engine, "_run_step", over_budget)
-    config = dataclasses.replace(FAST, max_steps=3, calibration_size=24, max_sites_per_step=1, retry_single=False,
-                                 rejection_patience=2)
-    result = compress(model, data.train, data.val, config=config, collate_fn=data.collate_fn,
+    monkeypatch.setattr(engine, "_try", over_budget)
+    settings = dict(max_steps=3, calibration_size=24, max_sites_per_step=1, retry_single=False, rejection_patience=2)
+    result = compress(model, data.train, data.val, config=FAST, **settings, collate_fn=data.collate_fn,
                       example_inputs=data.example_inputs(2), progress=False, log=None)
     assert [len(s.sites) for s in result.steps] == [1, 1]
     assert result.steps[0].sites != result.steps[1].sites
@@ -338,12 +324,13 @@ def _dead(model: nn.Module, *bns: str) -> nn.Module:
 
 def test_an_all_off_site_is_no_candidate_where_the_whole_signal_passes_it():
     from tlc.graph import trace
-    from tlc.methods.tlc import NoCandidate, select
+    from tlc.methods.base import NoCandidate
+    from tlc.methods.tlc import select
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     calibration = [(torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,)))]
-    config = TLCConfig(calibration_size=16)
+    config = TLCConfig()
     plain = _dead(_Net(residual=False), "b1")
     assert "r1" not in select(plain, trace(plain, x), calibration, x, config).gaps  # its collapse: a constant
     residual = _dead(_Net(residual=True), "b1")
@@ -374,7 +361,7 @@ def test_a_residual_branch_removed_whole_is_a_candidate_of_its_own(tmp_path):
     calibration = [(torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,)))]
     model = _nearly_dead_branch()
     graph = trace(model, x)
-    config = TLCConfig(calibration_size=16)
+    config = TLCConfig()
     selection = select(model, graph, calibration, x, config, exclude=["r2"])
     assert selection.sites == ["r1"] and selection.whole_branches == ["r1"]
     assert not selection.masks["r1"].any()
@@ -392,7 +379,7 @@ def test_a_residual_branch_removed_whole_is_a_candidate_of_its_own(tmp_path):
     assert whole_branch_units(plain, trace(plain, x), {"r1": torch.ones(8)}, {("r1",): 0.0}, x, "macs", None) == []
 
     data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,)))
-    result = compress(model, data, data, config=dataclasses.replace(FAST, max_steps=1), example_inputs=x,
+    result = compress(model, data, data, config=FAST, max_steps=1, example_inputs=x,
                       out_dir=tmp_path / "run", progress=False, log=None)
     step = result.steps[0]
     assert step.whole_branches == ["r1"] and "r1" in step.sites

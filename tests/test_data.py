@@ -181,7 +181,7 @@ def test_fashion_mnist_torchvision_layout_and_three_channels(tmp_path: Path) -> 
 
 
 def test_fashion_mnist_default_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "_FASHION_SYSTEM_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(data.images, "_FASHION_SYSTEM_DIR", tmp_path / "not-installed")
     monkeypatch.delenv("TLC_DATA", raising=False)
     with pytest.raises(SpecError, match="apt-get install dataset-fashion-mnist"):
         load_data("fashion-mnist")

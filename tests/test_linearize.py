@@ -172,8 +172,8 @@ def test_functional_sites_keep_their_names():
     assert rel_err(manual, lin(x)) < 1e-6
 
 
-def test_restore_rebuilds_the_training_form_from_its_record():
-    from tlc.surgery.linearize import restore
+def test_the_edits_of_a_record_rebuild_the_training_form():
+    from tlc.edits import apply_edits, edits_from_record
 
     model = _model()
     x = torch.randn(2, 3, 12, 12)
@@ -182,7 +182,7 @@ def test_restore_rebuilds_the_training_form_from_its_record():
     with torch.no_grad():
         for p in lin.parameters():
             p.add_(0.01 * torch.randn_like(p))  # "fine-tuned"
-    rebuilt = restore(_model(), lin._tlc_record, x)
+    rebuilt, _ = apply_edits(_model(), edits_from_record(lin._tlc_record), x)
     rebuilt.load_state_dict(lin.state_dict())
     assert rel_err(lin(x), rebuilt(x)) < 1e-6
     assert [m.padding for m in rebuilt.modules() if isinstance(m, nn.Conv2d)] == \

@@ -177,6 +177,6 @@ def test_missing_matplotlib_is_one_error_line_naming_the_install(tmp_path, capsy
     ({"ratio": 1.1}, "x1.10 faster"),
 ])
 def test_the_table_says_slower_and_flags_ratios_too_spread_to_tell(row, expected):
-    from tlc.compression import speed_change
+    from tlc.report.tables import speed_change
 
     assert speed_change(row) == expected

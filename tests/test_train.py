@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ from tlc.errors import SpecError, TLCError
 from tlc.train import (
     DistillConfig,
     FitConfig,
+    FitHooks,
+    FitResult,
     atomic_write_json,
     atomic_write_text,
     build_scheduler,
@@ -39,7 +42,7 @@ from tlc.train import (
 from tlc.zoo.cifar import tiny_cnn
 from tlc.zoo.data import load_data
 
-from .ddp_worker import toy_data, toy_model
+from .ddp_worker import hook_mask, hook_target, toy_data, toy_model
 
 QUICK = dict(batch_size=64, optimizer="adamw", lr=3e-2, weight_decay=0.0)  # learns digits in a few epochs
 
@@ -515,6 +518,157 @@ def test_a_non_finite_loss_restores_the_last_good_weights(digits, tmp_path):
     assert_same_state(initial, state_of(first_epoch))
 
 
+# ------------------------------------------------------------------------------------------- hooks
+
+TOY = FitConfig(epochs=2, batch_size=16, lr=0.1)  # 90 samples: 6 steps per epoch
+
+
+def toy_fit(hooks: FitHooks | None = None, config: FitConfig = TOY, **kwargs) -> tuple[nn.Module, FitResult]:
+    """`toy_model` (seed 0) fine-tuned on `toy_data` with `hooks`; returns the model and the FitResult."""
+    torch.manual_seed(0)
+    model = toy_model()
+    return model, fit(model, toy_data(), config, hooks=hooks, progress=False, **kwargs)
+
+
+def l2_pull(target: torch.Tensor, coefficient: float, calls: list | None = None):
+    """A loss hook pulling layer 0's weight towards `target`; records what it is called with in `calls`."""
+
+    def loss(model, inputs, labels, outputs):
+        if calls is not None:
+            calls.append((model, inputs.shape, labels.shape, outputs.shape, outputs.requires_grad))
+        return coefficient * (model[0].weight - target).square().sum()
+
+    return loss
+
+
+def test_no_hooks_and_empty_hooks_train_exactly_as_before():
+    plain, expected = toy_fit()
+    for hooks in (None, FitHooks(), FitHooks(loss=lambda *args: None)):
+        model, result = toy_fit(hooks)
+        assert_same_state(state_of(plain), state_of(model))
+        assert result.epoch_losses == expected.epoch_losses
+    model, result = toy_fit(FitHooks(loss=lambda *args: torch.tensor(5.0, dtype=torch.float64)))
+    assert_same_state(state_of(plain), state_of(model))  # a constant term has no gradient...
+    assert result.epoch_losses == pytest.approx([x + 5 for x in expected.epoch_losses], abs=1e-5)  # ...but counts
+
+
+def test_a_loss_hook_regularizes_the_weights():
+    target = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    plain, _ = toy_fit()
+    calls = []
+    pulled, result = toy_fit(FitHooks(loss=l2_pull(target, 0.5, calls)))
+    assert (pulled[0].weight - target).norm() < 0.5 * (plain[0].weight - target).norm()  # 2.5 against 8.5
+    assert len(calls) == result.steps == 12
+    assert all(c[0] is pulled and c[4] for c in calls)  # the model itself and graph-attached logits
+    assert {c[1:4] for c in calls} == {((16, 4), (16,), (16, 3)), ((10, 4), (10,), (10, 3))}  # 90 = 5 * 16 + 10
+
+
+def test_a_loss_hook_runs_inside_autocast_and_is_added_in_float32():
+    target = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def pull(model, inputs, labels, outputs):
+        seen.append((torch.is_autocast_enabled("cpu"), outputs.dtype))
+        return (model[0](inputs) - inputs @ target.t()).square().mean()  # a bf16 term under autocast
+
+    plain, _ = toy_fit(config=FitConfig(epochs=2, batch_size=16, lr=0.1, amp="bf16"))
+    pulled, result = toy_fit(FitHooks(loss=pull), config=FitConfig(epochs=2, batch_size=16, lr=0.1, amp="bf16"))
+    assert set(seen) == {(True, torch.bfloat16)} and result.stopped_reason is None
+    assert (pulled[0].weight - target).norm() < (plain[0].weight - target).norm()
+
+
+def test_after_step_keeps_a_pruning_mask():
+    mask = (torch.rand(16, 4, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    grad_modes = []
+
+    def prune(model):
+        grad_modes.append(torch.is_grad_enabled())
+        model[0].weight.mul_(mask)  # in place on a leaf that requires grad: needs the no_grad fit provides
+
+    torch.manual_seed(0)
+    initial = toy_model()[0].weight.detach() * mask
+    free, _ = toy_fit()
+    masked, result = toy_fit(FitHooks(after_step=prune))
+    weight = masked[0].weight.detach()
+    assert grad_modes == [False] * result.steps and result.steps == 12
+    assert (weight[mask == 0] == 0).all() and (weight[mask == 1] != initial[mask == 1]).all()
+    assert (free[0].weight[mask == 0] != 0).all()  # without the hook the pruned weights come back
+
+
+def test_resume_with_hooks_ends_bit_identical(digits, tmp_path):
+    """A regularizer drawing random projections (from the RNG fit reseeds) and a mask kept after each step."""
+    config = FitConfig(epochs=3, batch_size=128, lr=0.05)
+    batches = math.ceil(1257 / 128)
+    mask = (torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+
+    def sliced(model, inputs, labels, outputs):
+        projections = torch.randn(8, 4)
+        return 0.1 * (model.inner.fc.weight @ projections).square().mean()
+
+    hooks = FitHooks(loss=sliced, after_step=lambda model: model.inner.conv1.weight.mul_(mask))
+    reference = probe(seed=0)
+    expected = fit(reference, digits.train, config, hooks=hooks, checkpoint_dir=tmp_path / "a", progress=False)
+    plain = probe(seed=0)
+    fit(plain, digits.train, config, progress=False)
+    assert not torch.equal(plain.inner.fc.weight, reference.inner.fc.weight)  # the hooks did change the run
+    assert (reference.inner.conv1.weight[mask == 0] == 0).all()
+
+    crashing = probe(seed=0, crash_at=batches + 4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(crashing, digits.train, config, hooks=hooks, checkpoint_dir=tmp_path / "b", progress=False)
+    assert latest_complete(tmp_path / "b", "epoch-") == "epoch-0001"
+    restarted = probe(seed=7)
+    result = fit(restarted, digits.train, config, hooks=hooks, checkpoint_dir=tmp_path / "b", resume=True,
+                 progress=False)  # fmt: skip
+    assert result.resumed_from == "epoch-0001" and restarted.calls == 2 * batches
+    assert_same_state(state_of(reference), state_of(restarted))
+    assert result.epoch_losses == expected.epoch_losses
+
+
+def test_a_non_finite_hook_loss_restores_the_last_good_weights(digits, tmp_path):
+    config = FitConfig(epochs=3, batch_size=128, lr=0.05)
+    batches = math.ceil(1257 / 128)
+    calls = []
+
+    def diverging(model, inputs, labels, outputs):
+        calls.append(1)
+        return model.inner.fc.weight.sum() * (float("inf") if len(calls) > batches + 2 else 0.0)
+
+    model = probe()
+    with pytest.warns(RuntimeWarning, match="non-finite loss in epoch 2"):
+        result = fit(model, digits.train, config, hooks=FitHooks(loss=diverging), checkpoint_dir=tmp_path,
+                     progress=False)  # fmt: skip
+    assert result.stopped_reason == "non-finite loss" and result.steps == batches
+    good, _, _ = load_checkpoint(tmp_path, "epoch-0001")
+    assert_same_state(good, state_of(model))
+
+
+def test_bad_hooks_are_refused():
+    with pytest.raises(SpecError, match="FitHooks.after_step"):
+        FitHooks(after_step="prune")
+    with pytest.raises(SpecError, match="FitHooks or None"):
+        toy_fit(lambda *args: None)
+    with pytest.raises(SpecError, match=r"scalar tensor or None, got \(16, 4\)"):
+        toy_fit(FitHooks(loss=lambda model, *args: model[0].weight))
+    with pytest.raises(SpecError, match="got float"):
+        toy_fit(FitHooks(loss=lambda *args: 1.0))
+
+
+def test_fit_config_lives_in_its_own_module_and_is_still_importable_from_loop():
+    import inspect
+
+    import tlc.train.config
+    import tlc.train.loop
+    import tlc.train.optim
+
+    def train_imports(module) -> set[str]:
+        return set(re.findall(r"^\s*from (tlc\.train\.\w+) import", inspect.getsource(module), re.MULTILINE))
+
+    assert tlc.train.loop.FitConfig is tlc.train.config.FitConfig is tlc.train.optim.FitConfig is FitConfig
+    assert train_imports(tlc.train.optim) == {"tlc.train.config"}  # no import cycle loop <-> optim any more
+    assert train_imports(tlc.train.config) == set()
+
+
 # ------------------------------------------------------------------------------------------- torchrun
 
 
@@ -531,6 +685,12 @@ def test_two_cpu_processes_under_torchrun_end_identical(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["main"] for r in ranks] == [True, False] and ranks[0]["world_size"] == 2
     assert_same_state(ranks[0]["state"], ranks[1]["state"])
+    assert_same_state(ranks[0]["hooked_state"], ranks[1]["hooked_state"])  # despite rank-dependent loss terms
+    for r in ranks:  # each rank ran both hooks at every step, on the module itself rather than the DDP wrapper
+        assert r["hooked_seen"] == ["Sequential"] * 2 * r["hooked_steps"] and r["hooked_steps"] == 6 * 2
+    hooked, plain = ranks[0]["hooked_state"], ranks[0]["state"]
+    assert (hooked["3.weight"][hook_mask() == 0] == 0).all() and (hooked["3.weight"][hook_mask() == 1] != 0).all()
+    assert (hooked["0.weight"] - hook_target()).norm() < 0.5 * (plain["0.weight"] - hook_target()).norm()
     assert ranks[0]["result"] == {**ranks[1]["result"], "wall_seconds": ranks[0]["result"]["wall_seconds"]}
     assert ranks[0]["result"]["samples_seen"] == 2 * 90 and ranks[0]["result"]["steps"] == 2 * 6
     assert latest_complete(tmp_path / "checkpoints", "epoch-") == "epoch-0002"

@@ -15,10 +15,13 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _add_compress_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="tlc", help="compression method (default: tlc)")
-    p.add_argument("--preset", choices=["default", "paper"], default="default",
-                   help="'paper' follows the published TLC protocol (full retraining per step)")
+def _add_compress_options(p: argparse.ArgumentParser, method: str) -> None:
+    p.add_argument("--method", default="tlc",
+                   help="compression method: a registered name or py:FILE.py:CLASS (default: tlc); "
+                        "`tlc compress --method NAME --help` lists its settings")
+    p.add_argument("--preset", default="default", help="the method's named settings (default, paper, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="one setting of the method or of the run (repeatable), e.g. --set gap_tolerance=0.1")
     p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="POINTS",
                    help="accuracy budget: points of validation accuracy the result may lose (default 1.0)")
     p.add_argument("--max-steps", type=int, help="stop after this many compression steps")
@@ -43,12 +46,43 @@ def _add_compress_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _method_named(argv: list[str]) -> str:
+    """The --method of a command line, read before the parser is built (its settings go in the help)."""
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return "tlc"
+
+
+def _method_help(name: str) -> str:
+    """The settings and presets of a method, for the compress help."""
+    import dataclasses
+
+    from tlc.methods.base import method_class
+
+    try:
+        cls = method_class(name)
+    except Exception as exc:  # noqa: BLE001 - the help must print whatever the method file does
+        return f"method {name}: {exc}"
+    lines = [f"method {cls.name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}",
+             f"presets: {', '.join(cls.presets)}", "its own settings (--set KEY=VALUE):"]
+    for f in dataclasses.fields(cls.Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name} = {default!r}")
+    return "\n".join(lines)
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from tlc.zoo.data import DATA_SPECS
 
     parser = argparse.ArgumentParser(prog="tlc", description="Make trained networks shallower and faster.")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compress", help="compress a trained model", formatter_class=argparse.RawTextHelpFormatter)
+    method = _method_named(list(argv) if argv is not None else sys.argv[1:])
+    c = sub.add_parser("compress", help="compress a trained model", formatter_class=argparse.RawTextHelpFormatter,
+                       epilog=_method_help(method) if "-h" in (argv or sys.argv) or "--help" in (argv or sys.argv)
+                       else None)
     c.add_argument("--model", required=True,
                    help="torchvision:NAME | timm:NAME | hf:PATH | tlc:NAME | py:FILE.py:FUNCTION")
     c.add_argument("--data", required=True, help="\n".join(f"{k}: {v}" for k, v in DATA_SPECS.items()))
@@ -57,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=int, help="classes of the model's head (default: from the data)")
     c.add_argument("--train-epochs", type=float, default=0.0,
                    help="train the model this many epochs before compressing (for models without weights)")
-    _add_compress_options(c)
+    _add_compress_options(c, method)
     d = sub.add_parser("demo", help="train a small network, compress it, print before/after")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
@@ -74,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tlc`` command."""
-    args = _parser().parse_args(argv)
+    args = _parser(argv).parse_args(argv)
     from tlc.errors import TLCError
 
     try:
@@ -92,20 +126,20 @@ def main(argv: list[str] | None = None) -> int:
 # ============================================================================ compress
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(method class, RunConfig, method config) from the command line: the preset, then the flags, then
+    each --set."""
     import dataclasses
 
-    from tlc.methods.tlc import TLCConfig
+    from tlc.methods.base import build_configs, method_class, parse_setting
     from tlc.train import DistillConfig
 
-    config = TLCConfig.paper() if args.preset == "paper" else TLCConfig()
-    finetune = config.finetune
-    if args.finetune_epochs is not None:
-        finetune = dataclasses.replace(finetune, epochs=args.finetune_epochs)
-    if args.lr is not None:
-        finetune = dataclasses.replace(finetune, lr=args.lr)
-    if args.batch_size is not None:
-        finetune = dataclasses.replace(finetune, batch_size=args.batch_size)
+    cls = method_class(args.method)
+    run, _ = build_configs(cls, args.preset)
+    finetune = run.finetune
+    for flag, name in (("finetune_epochs", "epochs"), ("lr", "lr"), ("batch_size", "batch_size")):
+        if getattr(args, flag) is not None:
+            finetune = dataclasses.replace(finetune, **{name: getattr(args, flag)})
     overrides: dict[str, Any] = dict(finetune=finetune, max_acc_drop=args.max_acc_drop, seed=args.seed,
                                      max_steps=args.max_steps, target_macs_ratio=args.target_macs_ratio,
                                      target_speedup=args.target_speedup)
@@ -114,7 +148,9 @@ def _config(args: argparse.Namespace) -> Any:
             overrides[name] = getattr(args, name)
     if args.distill:
         overrides["distill"] = DistillConfig()
-    return dataclasses.replace(config, **overrides)
+    overrides.update(parse_setting(cls, text) for text in args.settings)
+    run, own = build_configs(cls, args.preset, overrides)
+    return cls, run, own
 
 
 def _load(model_spec: str, data_spec: str, args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -181,8 +217,9 @@ def _pretrain(model: Any, data: Any, epochs: float, out: Path, args: argparse.Na
 def _compress(args: argparse.Namespace) -> int:
     import torch
 
-    from tlc.compression import compress
+    from tlc.run.loop import compress
 
+    method, run, own = _config(args)  # bad settings are refused before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -192,7 +229,7 @@ def _compress(args: argparse.Namespace) -> int:
         _pretrain(model, data, args.train_epochs, out, args, args.quiet)
     backends = ("eager", "onnxruntime") if args.onnx_latency else ("eager",)
     result = compress(
-        model, data.train, data.val, method=args.method, config=_config(args), test_data=data.test,
+        model, data.train, data.val, method=method, config=run, method_config=own, test_data=data.test,
         collate_fn=data.collate_fn, example_inputs=data.example_inputs(2), out_dir=out, resume=args.resume,
         device=args.device, progress=not args.quiet, model_spec=spec.to_json(), data_spec=_data_label(data),
         latency_batch_sizes=tuple(args.latency_batch_sizes), latency_backends=backends,
@@ -209,8 +246,8 @@ def _compress(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from tlc.compression import compress
-    from tlc.methods.tlc import TLCConfig
+    from tlc.run.config import RunConfig
+    from tlc.run.loop import compress
     from tlc.train import FitConfig
 
     torch.manual_seed(0)
@@ -219,7 +256,7 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"demo: {spec.spec} on {data.name} ({len(data.train)} training images), outputs in {out}/")
     _pretrain(model, data, 30 if args.data == "digits" else 2, out, ns, args.quiet)
-    config = TLCConfig(max_acc_drop=1.0, finetune=FitConfig(epochs=2.0, lr=0.01, batch_size=64),
+    config = RunConfig(max_acc_drop=1.0, finetune=FitConfig(epochs=2.0, lr=0.01, batch_size=64),
                        calibration_size=270, max_steps=10)
     result = compress(model, data.train, data.val, config=config, test_data=data.test, collate_fn=data.collate_fn,
                       example_inputs=data.example_inputs(2), out_dir=out, resume=(out / "checkpoints").exists(),
@@ -255,8 +292,8 @@ def _demo_model(data_spec: str, ns: argparse.Namespace) -> tuple[Any, Any, Any]:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from tlc.compression import format_table
     from tlc.errors import SpecError
+    from tlc.report.tables import format_table
 
     path = Path(args.dir) / "report.json"
     if not path.is_file():

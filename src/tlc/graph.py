@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 from tlc._inputs import ExampleInputs, as_call, max_relative_error, output_tensors
 from tlc.errors import TraceError, UnknownSiteError
 from tlc.ops import LINEAR_KINDS, Kind, OpInfo, classify, is_leaf_module
-from tlc.surgery.modules import SiteActivation
+from tlc.sites import SiteActivation
 
 TRACE_TOLERANCE = 1e-5
 

@@ -1,4 +1,4 @@
-"""TLC's neuron model: each channel's pre-activation as a Gaussian N(mu, sigma^2) (METHODS.md section 1).
+"""TLC's neuron model: each channel's pre-activation as a Gaussian N(mu, sigma^2) (docs/methods.md, TLC).
 
 For a site right after a BatchNorm, (sigma, mu) = (gamma, beta), the BN's affine parameters (the "BN
 lens"); otherwise the measured per-channel mean and standard deviation of the pre-activation.
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tlc.criteria.entropy import channel_entropy as state_entropy
 from tlc.graph import Graph, Site
 from tlc.ops import Kind
 
@@ -63,13 +64,6 @@ def error_likelihood(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     mu, sigma = mu.double().abs(), sigma.double().abs()
     p = _phi(-mu / sigma.clamp_min(1e-30))
     return torch.where(sigma > 0, p, torch.zeros_like(p))
-
-
-def state_entropy(p_on: torch.Tensor) -> torch.Tensor:
-    """Binary entropy (bits) of the ON/OFF state: 0 when the channel is always ON or always OFF."""
-    p = p_on.double().clamp(0.0, 1.0)
-    h = -(p * torch.log2(p.clamp_min(1e-300)) + (1 - p) * torch.log2((1 - p).clamp_min(1e-300)))
-    return torch.where((p == 0) | (p == 1), torch.zeros_like(h), h)
 
 
 def bn_lens(graph: Graph, site: Site) -> tuple[torch.Tensor, torch.Tensor] | None:

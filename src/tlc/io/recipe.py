@@ -1,14 +1,16 @@
 """Save and load compressed models without pickle: a JSON recipe plus safetensors weights.
 
-The recipe says which architecture was built (a model spec), what was done to it (sites, masks,
-padding moves, merge policy) and what inputs it was traced with. Loading rebuilds the architecture,
-replays the recipe, and loads the weights strictly, so a model that does not match is refused.
+The recipe says which architecture was built (a model spec), what was done to it (an ordered list of
+edits, see tlc.edits), how it was merged (policy, and the zero channels the merge planned with) and
+what inputs it was traced with. Loading rebuilds the architecture, replays the edits, merges, and
+loads the weights strictly, so a model that does not match is refused.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,13 @@ import torch
 from torch import fx, nn
 
 from tlc._inputs import ExampleInputs, max_relative_error, run
+from tlc.edits import Edit, apply_edits, edits_from_json, edits_from_record, edits_to_json
 from tlc.errors import SpecError, TLCError
-from tlc.surgery.linearize import restore
 from tlc.surgery.merge import merge
 from tlc.train.checkpoint import atomic_write_json
 
 FORMAT = "tlc-recipe"
-VERSION = 1
+VERSION = 2  # 2: a list of edits; 1: one linearization record (still loaded)
 RECIPE = "recipe.json"
 WEIGHTS = "weights.safetensors"
 
@@ -61,35 +63,47 @@ def _form(model: nn.Module) -> str:
 
 
 def save(model: nn.Module, directory: str | Path, *, example_inputs: ExampleInputs,
-         model_spec: dict[str, Any] | None = None) -> Path:
+         model_spec: dict[str, Any] | None = None, edits: Sequence[Edit] | None = None) -> Path:
     """Write ``recipe.json`` and ``weights.safetensors`` for a deploy form, training form or plain model.
 
     ``model_spec`` (``tlc.zoo.models.ModelSpec.to_json()``) tells :func:`load` how to build the
     architecture; without it (and without one recorded by ``compress``) ``load`` needs ``model=``.
+    ``edits`` is what was done to the architecture (what ``compress`` returns); by default the
+    linearization recorded by :func:`tlc.linearize`.
     """
     from safetensors.torch import save_file
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     record = copy.deepcopy(dict(getattr(model, "_tlc_record", {}) or {}))
-    spec = model_spec if model_spec is not None else record.pop("model", None)
-    record.pop("data", None)
+    spec = model_spec if model_spec is not None else record.get("model")
+    edits = list(edits) if edits is not None else edits_from_record(record)
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     tmp = out / f".{WEIGHTS}.tmp"
     save_file(weights, str(tmp), metadata={"format": FORMAT})
     tmp.replace(out / WEIGHTS)
     atomic_write_json(out / RECIPE, {
-        "format": FORMAT, "version": VERSION, "form": _form(model), "model": spec, "record": record,
+        "format": FORMAT, "version": VERSION, "form": _form(model), "model": spec, "edits": edits_to_json(edits),
+        **_merge_facts(model, record),
         "example_inputs": describe_inputs(example_inputs), "weights": WEIGHTS,
     })
     return out
+
+
+def _merge_facts(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
+    """The policy and the recorded zero channels a deploy form was merged with (what its replay needs)."""
+    report = getattr(model, "tlc_report", None)
+    if report is not None:
+        return {"policy": report.policy, "zeros": report.zeros}
+    return {"policy": record.get("policy"), "zeros": None}
 
 
 def load(directory: str | Path, *, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save` (or by ``tlc compress``): no pickle involved.
 
     ``model`` is a freshly built instance of the original architecture, needed when the recipe holds
-    no model spec (a model of your own).
+    no model spec (a model of your own). The recipe's edits are replayed on it, the deploy form is
+    merged with the structure recorded at save time, and the weights must then fit exactly.
     """
     from safetensors.torch import load_file
 
@@ -105,17 +119,25 @@ def load(directory: str | Path, *, model: nn.Module | None = None, device: str =
         original = copy.deepcopy(model)
     original.eval()
     example = build_inputs(recipe["example_inputs"])
-    record = recipe.get("record") or {}
-    rebuilt = restore(original, record, example) if record.get("sites") else original
+    edits, policy, zeros = _recipe_edits(recipe)
+    rebuilt, _ = apply_edits(original, edits, example)
     if recipe["form"] == "deploy":  # the saved weights, not the fresh ones, are what the merge must match
-        rebuilt = merge(rebuilt, example, policy=record.get("policy"), verify=False, zeros=record.get("zeros"))
+        rebuilt = merge(rebuilt, example, policy=policy, verify=False, zeros=zeros)
     weights = load_file(str(folder / recipe.get("weights", WEIGHTS)))
     missing, unexpected = rebuilt.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise SpecError(f"{folder} does not match the rebuilt model: {len(missing)} missing and {len(unexpected)} "
                         f"unexpected weights (e.g. {', '.join((missing + unexpected)[:3])})")
-    rebuilt._tlc_record = dict(record, model=recipe.get("model"))
+    rebuilt._tlc_record = dict(getattr(rebuilt, "_tlc_record", {}) or {}, model=recipe.get("model"))
     return rebuilt.to(device).eval()
+
+
+def _recipe_edits(recipe: dict[str, Any]) -> tuple[list[Edit], str | None, Any]:
+    """(edits, merge policy, recorded zeros) of a recipe; version 1 stored one linearization record."""
+    if recipe.get("version", 1) < 2:
+        record = recipe.get("record") or {}
+        return edits_from_record(record), record.get("policy"), record.get("zeros")
+    return edits_from_json(recipe.get("edits") or []), recipe.get("policy"), recipe.get("zeros")
 
 
 def check_reload(directory: str | Path, expected: nn.Module, example_inputs: ExampleInputs, *,

@@ -1,4 +1,4 @@
-"""TLC, "Till the Layers Collapse" (METHODS.md section 1): which sites to collapse at one step.
+"""TLC, "Till the Layers Collapse" (docs/methods.md, TLC): which sites to collapse at one step.
 
 Per candidate site: the Gaussian model of its pre-activation gives the channel split (mu <= 0 ->
 removed, else linearized); the loss gap of collapsing it is measured on calibration data; with
@@ -11,7 +11,7 @@ rule then takes as many of the best candidates as the joint gap allows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,71 +21,42 @@ from tlc._inputs import ExampleInputs
 from tlc.criteria.gaussian import needs_measurement, site_models
 from tlc.criteria.loss_gap import LossGaps
 from tlc.criteria.stats import collect_site_stats
-from tlc.errors import TLCError
+from tlc.edits import Linearize
 from tlc.graph import Graph, trace
+from tlc.methods.base import PAPER_RETRAINING, Method, NoCandidate, Proposal, register_method
+from tlc.run.config import RunContext
 from tlc.surgery.linearize import gate_nodes, linearize
 from tlc.surgery.plan import Planner
-from tlc.train import DistillConfig, FitConfig
 
-PRESETS = ("default", "paper")
 RULES = ("tolerance", "official")
 
 
 @dataclass
 class TLCConfig:
-    """Settings of a TLC compression run. ``TLCConfig.paper()`` gives the published protocol."""
+    """TLC's own settings (the shared ones: :class:`tlc.run.config.RunConfig`)."""
 
-    preset: str = "default"
-    max_acc_drop: float = 1.0  # points of top-1 (or task metric) below the original, on validation data
-    max_steps: int | None = None
-    target_macs_ratio: float | None = None  # stop once deploy MACs <= this fraction of the original
-    target_speedup: float | None = None  # stop once measured batch-1 speed-up >= this
     gap_tolerance: float = 0.05  # joint loss gap (nats per sample) allowed for one step
     max_sites_per_step: int = 4
     multi_site_rule: str = "tolerance"
     latency_aware: bool = True
     branch_removal: bool = True  # latency-aware tolerance rule: a residual branch removed whole is a candidate
-    calibration_size: int = 1024
-    calibration_batch_size: int = 64
-    policy: str = "macs"
-    finetune: FitConfig = field(default_factory=lambda: FitConfig(epochs=1.0, lr=0.01, schedule="cosine"))
-    final_finetune_epochs: float = 0.0
-    distill: DistillConfig | None = None
-    stop_accuracy: float | None = None  # stop when validation accuracy falls below this fraction
-    min_activations: int = 0  # stop when this many activations are left
-    continue_past_budget: bool = False  # keep going after the budget is spent (result: best within budget)
-    budget_patience: int | None = None  # with continue_past_budget: stop after this many steps over budget in a row
-    retry_single: bool = True  # a rejected multi-site step is retried with its best site alone
-    rejection_patience: int = 2  # stop after this many rejected steps in a row; a rejected step's sites are
-    # set aside and the next-best candidates are tried from the last accepted model (1: stop at the first)
-    latency_repeats: int = 20
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
         if self.multi_site_rule not in RULES:
             raise ValueError(f"multi_site_rule must be one of {', '.join(RULES)}, not {self.multi_site_rule!r}")
-        if self.max_acc_drop < 0:
-            raise ValueError("max_acc_drop must be >= 0 (points of accuracy)")
         if self.max_sites_per_step < 1:
             raise ValueError("max_sites_per_step must be >= 1")
-        if self.rejection_patience < 1:
-            raise ValueError("rejection_patience must be >= 1 (1 stops at the first rejected step)")
 
-    @classmethod
-    def paper(cls, **overrides: Any) -> TLCConfig:
-        """The published protocol: sign split, one validation batch for the gaps, the official
-        multi-layer rule, full retraining per step (SGD 0.1, milestones at 50%/75%), stop at one
-        activation left or validation accuracy < 20%."""
-        base = cls(
-            preset="paper", multi_site_rule="official", latency_aware=False, branch_removal=False, calibration_size=128,
-            calibration_batch_size=128, max_sites_per_step=10**6, retry_single=False,
-            finetune=FitConfig(epochs=160.0, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
-                               milestones=(0.5, 0.75), gamma=0.1),
-            stop_accuracy=0.20, min_activations=1, continue_past_budget=True,
-        )
-        return replace(base, **overrides)
+
+# The published protocol: sign split, one validation batch for the gaps, the official multi-layer rule,
+# full retraining per step (SGD 0.1, milestones at 50%/75%), stop at one activation left or validation
+# accuracy < 20%.
+PAPER = dict(
+    multi_site_rule="official", latency_aware=False, branch_removal=False, max_sites_per_step=10**6,
+    calibration_size=128, calibration_batch_size=128, retry_single=False,
+    finetune=PAPER_RETRAINING,
+    stop_accuracy=0.20, min_activations=1, continue_past_budget=True,
+)
 
 
 @dataclass(frozen=True)
@@ -126,10 +97,6 @@ class Selection:
     def whole_branches(self) -> list[str]:
         """The chosen sites whose residual branch goes whole (every channel off)."""
         return [n for u in self.units if u.whole_branch for n in u.sites]
-
-
-class NoCandidate(TLCError):
-    """No remaining site can be collapsed at this step (all set aside, or each would disconnect the output)."""
 
 
 def disconnects(graph: Graph, name: str) -> bool:
@@ -259,7 +226,7 @@ def tolerance_count(joint: list[float], tolerance: float) -> int:
 
 def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]],
            example_inputs: ExampleInputs, config: TLCConfig, progress: bool = False,
-           exclude: Sequence[str] = ()) -> Selection:
+           exclude: Sequence[str] = (), policy: str = "macs") -> Selection:
     """Rank the remaining sites of ``model`` (traced as ``graph``), except those in ``exclude`` (set aside
     after a rejected step) and those with every channel off that :func:`disconnects` the output, and
     choose this step's collapse; :class:`NoCandidate` when none is left."""
@@ -277,12 +244,12 @@ def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torc
     savings: dict[tuple[str, ...], float] = {}
     units = [Unit((n,), 0.0, g) for n, g in gaps.items()]
     if config.latency_aware:
-        savings = collapse_savings(model, graph, masks, example_inputs, config.policy)
+        savings = collapse_savings(model, graph, masks, example_inputs, policy)
         pairs = [u for u in savings if len(u) > 1]
         units = [Unit((n,), savings[(n,)], g) for n, g in gaps.items()]
         units += [Unit(p, savings[p], g) for p, g in zip(pairs, joint_gaps([list(p) for p in pairs]))]
         if config.branch_removal and config.multi_site_rule == "tolerance":
-            units += whole_branch_units(model, graph, masks, savings, example_inputs, config.policy, ranking)
+            units += whole_branch_units(model, graph, masks, savings, example_inputs, policy, ranking)
     order = order_units(units, config.latency_aware, config.gap_tolerance)
     if config.multi_site_rule == "official":
         names = [u.sites[0] for u in order]
@@ -298,3 +265,35 @@ def select(model: nn.Module, graph: Graph, calibration: Sequence[tuple[Any, torc
     return Selection(list(chosen), chosen, gaps, {"+".join(u): v for u, v in savings.items()},
                      joint, [n for u in order for n in u.sites if len(u.sites) == 1 and not u.whole_branch],
                      units_chosen)
+
+
+@register_method
+class TLC(Method):
+    """TLC on the method protocol: each step linearizes the chosen sites with TLC's channel masks."""
+
+    name = "tlc"
+    Config = TLCConfig
+    presets = {"default": {}, "paper": PAPER}
+
+    def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
+        selection = select(model, graph, run.calibration, run.example_inputs, self.config, progress=run.progress,
+                               exclude=exclude, policy=run.config.policy)
+        proposal = _proposal(selection, run.config.policy)
+        single = selection.first_unit()
+        if len(single.sites) < len(selection.sites):
+            proposal.fallback = _proposal(single, run.config.policy)
+        return proposal
+
+
+def _proposal(selection: Selection, policy: str) -> Proposal:
+    whole = selection.whole_branches
+    label = f"{', '.join(selection.sites)} (joint loss gap {selection.joint_gap:+.4f}" + (
+        f"; whole residual branch off: {', '.join(whole)})" if whole else ")")
+    evidence = {
+        "joint_gap": float(selection.joint_gap),
+        "whole_branches": whole,
+        "gaps": {n: float(selection.gaps[n]) for n in selection.sites if n in selection.gaps},
+        "savings": {k: float(v) for k, v in selection.savings.items()
+                    if any(s in selection.sites for s in k.split("+"))},
+    }
+    return Proposal([Linearize.of(selection.masks, policy)], evidence, label=label)

@@ -1,4 +1,4 @@
-"""Pure tensor algebra of exact merges (METHODS.md section 7). No modules, no graphs.
+"""Pure tensor algebra of exact merges (docs/methods.md, "The merge"). No modules, no graphs.
 
 Conventions: conv weights are ``[C_out, C_in / groups, *kernel]``; linear weights ``[out, in]``; a
 missing bias is ``None``. Every function returns new tensors and never mutates its inputs. Callers

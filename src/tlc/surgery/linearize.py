@@ -19,7 +19,7 @@ from tlc._inputs import ExampleInputs
 from tlc.errors import MergeError, TraceError
 from tlc.graph import Graph, Site, resolve_sites, trace
 from tlc.ops import Kind
-from tlc.surgery.modules import SiteActivation, SiteGate
+from tlc.sites import SiteActivation, SiteGate
 from tlc.surgery.plan import POLICIES, Planner, conv_module_path
 
 Masks = Mapping[str, Any]
@@ -171,20 +171,8 @@ def _gate_modules(model: nn.Module, chosen: list[Site], masks: dict[str, torch.T
     return form
 
 
-def restore(model: nn.Module, record: Mapping[str, Any], example_inputs: ExampleInputs) -> nn.Module:
-    """Rebuild a training form from the original ``model`` and the ``_tlc_record`` of a linearization.
-
-    Same sites, masks and padding moves, so a saved state dict of the training form loads into it.
-    """
-    masks = {k: v for k, v in record.get("masks", {}).items() if v is not None}
-    form = linearize(model, list(record.get("sites", [])), example_inputs, masks, exact=False,
-                     policy=record.get("policy", "macs"))
-    _set_paddings(form, {k: tuple(v) for k, v in record.get("paddings", {}).items()})
-    form._tlc_record = copy.deepcopy(dict(record))
-    return form
-
-
-def _set_paddings(form: nn.Module, paddings: Mapping[str, tuple[int, ...]]) -> None:
+def set_paddings(form: nn.Module, paddings: Mapping[str, tuple[int, ...]]) -> None:
+    """Set the padding of each named convolution (the moves a linearization recorded)."""
     for path, padding in paddings.items():
         conv = form.get_submodule(path)
         conv.padding = tuple(padding)
@@ -220,7 +208,7 @@ def _move_padding(form: nn.Module, example_inputs: ExampleInputs, site_names: se
     _refuse_shared(graph, planner, gates)
     plan = planner.plan()
     moves = {conv_module_path(graph, node): tuple(padding) for node, padding in plan.padding_moves.items()}
-    _set_paddings(form, moves)
+    set_paddings(form, moves)
     return moves
 
 

@@ -151,9 +151,13 @@ class MergeRecord:
 
 @dataclass
 class MergeReport:
+    """What a merge built (``deployed.tlc_report``): the layers, the policy, the verified error, and the
+    zero channels of per-channel parameters the plan relied on (replayed by :func:`tlc.load`)."""
+
     policy: str
     records: list[MergeRecord] = field(default_factory=list)
     max_relative_error: float = 0.0
+    zeros: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"merge (policy={self.policy}): {len(self.records)} layers built, "
@@ -182,7 +186,7 @@ def merge(
 
     The structure of the result depends on which per-channel parameters are exactly zero (removed
     channels, a constant branch that becomes a bias); the deploy form records them
-    (``_tlc_record["zeros"]``), and ``zeros=`` replays them, so that :func:`tlc.load` rebuilds the
+    (``deployed.tlc_report.zeros``), and ``zeros=`` replays them, so that :func:`tlc.load` rebuilds the
     same layers from a freshly built model before loading the saved weights.
     """
     record = dict(getattr(model, "_tlc_record", {}) or {})
@@ -193,7 +197,7 @@ def merge(
             assume_zeros(graph, zeros)
         except Infeasible as exc:
             raise MergeError(str(exc)) from exc
-    record["zeros"] = value_zeros(graph)
+    zeros_used = value_zeros(graph)
     plan = Planner(graph, policy).plan()
     deployed, report = realize(graph, plan, policy)
     if verify:
@@ -203,6 +207,7 @@ def merge(
         report.max_relative_error = verify_merge(graph.source, deployed, example_inputs, tolerance,
                                                  merged_in_float64)
     record["policy"] = policy
+    report.zeros = zeros_used
     deployed._tlc_record = record
     deployed.tlc_report = report
     return deployed.eval()

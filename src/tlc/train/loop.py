@@ -39,72 +39,15 @@ from tlc.train.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
+from tlc.train.config import FitConfig  # defined there, still importable from here
 from tlc.train.distill import DistillConfig, distillation_loss
+from tlc.train.hooks import FitHooks
 from tlc.train.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_PREFIX = "epoch-"
 NON_FINITE = "non-finite loss"
 _SYNC_EVERY = 16  # steps between host-device syncs (loss check, progress bar); saves a sync per step on GPUs
 _DATA_STREAM, _GLOBAL_STREAM = 0, 1
-
-_CHOICES = {
-    "optimizer": ("sgd", "adamw"),
-    "schedule": ("cosine", "step", "constant"),
-    "amp": ("auto", "off", "bf16", "fp16"),
-}
-
-
-@dataclass
-class FitConfig:
-    """Hyper-parameters of one fine-tuning run (see `tlc.train.optim` for the exact schedule).
-
-    `epochs` may be fractional: the run stops after ``epochs * batches_per_epoch`` batches, rounded half up
-    (at least one).
-    `batch_size` is the global batch, split evenly over the processes of a distributed run. `amp` "auto"
-    autocasts to bf16 (fp16 with loss scaling where bf16 is unsupported) on CUDA and is off on the CPU.
-    """
-
-    epochs: float = 1.0
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    gamma: float = 0.1
-    warmup_steps: int = 0
-    grad_clip: float | None = None
-    label_smoothing: float = 0.0
-    amp: str = "auto"
-    channels_last: bool = False
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        self.milestones = tuple(self.milestones)
-        self.validate()
-
-    def validate(self) -> None:
-        """Refuse out-of-range values, naming the field and what it accepts."""
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise SpecError(f"FitConfig.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
-        checks = (
-            ("epochs", self.epochs > 0, "a positive number, e.g. 1 or 0.5"),
-            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "a positive integer"),
-            ("lr", self.lr > 0, "positive"),
-            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, "non-negative"),
-            ("milestones", all(0 < m < 1 for m in self.milestones), "fractions of the run in (0, 1)"),
-            ("gamma", self.gamma > 0, "positive"),
-            ("warmup_steps", isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "a count >= 0"),
-            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "None or a positive norm"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("num_workers", isinstance(self.num_workers, int) and self.num_workers >= 0, "a count >= 0"),
-        )
-        for name, ok, expected in checks:
-            if not ok:
-                raise SpecError(f"FitConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}")
 
 
 @dataclass
@@ -136,6 +79,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     description: str = "fine-tune",
+    hooks: FitHooks | None = None,
 ) -> FitResult:
     """Fine-tune `model` in place on `train_data` (batches of ``(inputs, labels)``) and report the run.
 
@@ -145,6 +89,8 @@ def fit(
     seed, distillation setting or number of processes. If the loss turns NaN or infinite, training stops
     and the model gets back the weights it had at the start of that epoch (those of the last checkpoint).
     The model is left on `device`, in the train/eval modes it came with.
+    `hooks` add a loss term to every step and act after every optimizer step (see `FitHooks`); they are
+    not recorded in checkpoints, so pass the same hooks again when resuming.
     """
     started = time.perf_counter()
     config.validate()
@@ -154,7 +100,9 @@ def fit(
         raise SpecError(f"fit: seed={seed!r} must be a non-negative integer")
     if resume and checkpoint_dir is None:
         raise SpecError("fit: resume=True needs the checkpoint_dir to resume from")
-    run = _Run(model, train_data, config, collate_fn, torch.device(device), seed, teacher, distill)
+    if hooks is not None and not isinstance(hooks, FitHooks):
+        raise SpecError(f"fit: hooks={hooks!r} must be a FitHooks or None")
+    run = _Run(model, train_data, config, collate_fn, torch.device(device), seed, teacher, distill, hooks)
     resumed_from = run.prepare(Path(checkpoint_dir), resume) if checkpoint_dir is not None else None
     show = progress and distributed.is_main_process()
     stopped = None
@@ -249,6 +197,7 @@ class _Run:
         seed: int,
         teacher: nn.Module | None,
         distill: DistillConfig | None,
+        hooks: FitHooks | None = None,
     ) -> None:
         if len(data) == 0:
             raise SpecError("fit: the training data is empty")
@@ -261,6 +210,7 @@ class _Run:
         self.model, self.data, self.config, self.collate_fn = model, data, config, collate_fn
         self.device, self.seed, self.teacher = device, seed, teacher
         self.distill = (distill or DistillConfig()) if teacher is not None else None
+        self.hooks = hooks or FitHooks()
         self.batch_size = config.batch_size // world
         self.batches_per_epoch = len(self._loader(0))
         self.total_steps = max(1, math.floor(config.epochs * self.batches_per_epoch + 0.5))
@@ -397,6 +347,9 @@ class _Run:
                 loss = distillation_loss(
                     logits, teacher_logits, labels, self.distill, label_smoothing=self.config.label_smoothing
                 )
+            extra = self.hooks.extra_loss(self.model, inputs, labels, logits)
+            if extra is not None:
+                loss = loss + extra
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.config.grad_clip is not None:
@@ -406,6 +359,7 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.hooks.step_done(self.model)
         self.step += 1
         return loss
 

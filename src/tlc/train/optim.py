@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from tlc.errors import SpecError
-
-if TYPE_CHECKING:
-    from tlc.train.loop import FitConfig
+from tlc.train.config import FitConfig
 
 
 def build_optimizer(model: nn.Module, config: FitConfig) -> Optimizer:

@@ -1,0 +1,1 @@
+"""The compression loop shared by every method: settings, resume state, step records, data helpers."""
