@@ -115,6 +115,8 @@ def _accuracy_vs_activations(fig: Any, report: dict[str, Any]) -> None:
                     fontsize=7, color="#555555")
     ax.set_xlabel(f"activations removed (of {total})")
     ax.xaxis.get_major_locator().set_params(integer=True)
+    most = max([p.removed for p in points] + [final_x])
+    ax.set_xlim(-0.5, max(most, 1) + 0.5)  # whole activations, also when no step removed one (pruning)
     top = ax.secondary_xaxis("top", functions=(lambda x: total - x, lambda x: total - x))
     top.xaxis.get_major_locator().set_params(integer=True)
     top.set_xlabel("activations left", fontsize=8)
