@@ -86,6 +86,7 @@ def test_a_method_of_ones_own_runs_end_to_end_without_touching_the_library(toy, 
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["method"] == "widest_first_test" and report["steps"][1]["evidence"] == {"channels": 8}
     assert [e["kind"] for e in report["edits"]] == ["linearize", "linearize"]
+    assert any("near chance" in w for w in report["warnings"])  # an untrained model on random labels
     recipe = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert recipe["version"] == 2 and len(recipe["edits"]) == 2
     loaded = tlc.load(tmp_path / "run", model=Residual())

@@ -170,10 +170,11 @@ def test_missing_matplotlib_is_one_error_line_naming_the_install(tmp_path, capsy
 
 
 @pytest.mark.parametrize(("row", "expected"), [
-    ({"ratio": 1.46, "ratio_q1": 1.40, "ratio_q3": 1.52}, "x1.46 faster"),
-    ({"ratio": 0.8, "ratio_q1": 0.78, "ratio_q3": 0.83}, "x1.25 slower"),
-    ({"ratio": 1.29, "ratio_q1": 0.22, "ratio_q3": 4.51}, "x1.29 faster (noisy: ratios 0.22-4.51)"),
-    ({"ratio": 2.0, "ratio_q1": 1.2, "ratio_q3": 2.5}, "x2.00 faster (noisy: ratios 1.20-2.50)"),
+    ({"ratio": 1.46, "ratio_q1": 1.40, "ratio_q3": 1.52}, "x1.46 faster (ratios 1.40-1.52)"),
+    ({"ratio": 0.8, "ratio_q1": 0.78, "ratio_q3": 0.83}, "x1.25 slower (ratios 0.78-0.83)"),
+    ({"ratio": 1.29, "ratio_q1": 0.22, "ratio_q3": 4.51}, "no measurable change (ratios 0.22-4.51, noisy)"),
+    ({"ratio": 1.03, "ratio_q1": 0.98, "ratio_q3": 1.06}, "no measurable change (ratios 0.98-1.06)"),
+    ({"ratio": 2.0, "ratio_q1": 1.2, "ratio_q3": 2.5}, "x2.00 faster (ratios 1.20-2.50, noisy)"),
     ({"ratio": 1.1}, "x1.10 faster"),
 ])
 def test_the_table_says_slower_and_flags_ratios_too_spread_to_tell(row, expected):

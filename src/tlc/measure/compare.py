@@ -20,6 +20,7 @@ from tlc.measure.latency import (
     LatencyStats,
     make_runner,
     onnx_model_file,
+    physical_cores,
     rebatch,
     time_callable,
     torch_threads,
@@ -116,11 +117,15 @@ def compare(
     so drift, frequency scaling and background load hit both models alike. The per-round ratio of
     burst medians gives the reported ratio (median) and its spread (quartiles); the defaults give
     5 rounds of 6 calls (bursts much shorter than ~5 calls make the per-round ratio of a
-    microsecond-scale model noisy). channels_last applies to the eager backend only; for
-    onnxruntime each model is exported (and verified) once and reused for every batch size.
+    microsecond-scale model noisy). On the CPU, `threads` defaults to the physical cores
+    (:func:`tlc.measure.latency.physical_cores`) and is recorded in ``settings``. channels_last applies
+    to the eager backend only; for onnxruntime each model is exported (and verified) once and reused for
+    every batch size.
     """
     if rounds < 1 or repeats < 1:
         raise SpecError(f"rounds and repeats must be >= 1, got rounds={rounds}, repeats={repeats}")
+    if threads is None and torch.device(device).type == "cpu":
+        threads = physical_cores()
     models = (model_a, model_b)
     burst = math.ceil(repeats / rounds)
     rows = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -176,6 +177,24 @@ def measure_latency(
         with torch.inference_mode():
             samples = time_callable(fn, warmup=warmup, repeats=repeats, device=timing_device)
     return LatencyStats.from_samples(samples, threads=used_threads, **conditions)
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may use: the default thread count of latency measurements
+    (hyper-threads share a core's arithmetic units, so timings at the logical count are noisier)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return max(usable, 1)
+    cores, physical = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            physical = value.strip()
+        elif key.strip() == "core id":
+            cores.add((physical, value.strip()))
+    return max(min(len(cores) or usable, usable), 1)
 
 
 @contextmanager

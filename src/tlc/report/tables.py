@@ -39,14 +39,17 @@ def network_map(original: nn.Module, deployed: nn.Module, example: ExampleInputs
 
 
 def speed_change(row: dict[str, Any]) -> str:
-    """``x1.46 faster`` (or ``slower``) from a latency row, flagged when the per-round ratios are too
-    spread to tell (their interquartile range holds 1, or spans more than a factor 1.5)."""
+    """``x1.46 faster (ratios 1.40-1.52)`` (or ``slower``) from a latency row, with the interquartile range
+    of its per-round ratios; ``no measurable change`` when that range holds 1, and flagged ``noisy`` when
+    it spans more than a factor 1.5."""
     ratio = row["ratio"]
-    text = f"x{ratio:.2f} faster" if ratio >= 1 else f"x{1 / ratio:.2f} slower"
     q1, q3 = row.get("ratio_q1"), row.get("ratio_q3")
-    if q1 is not None and q3 is not None and (q1 < 1 < q3 or q3 > 1.5 * q1):
-        text += f" (noisy: ratios {q1:.2f}-{q3:.2f})"
-    return text
+    if q1 is None or q3 is None:
+        return f"x{ratio:.2f} faster" if ratio >= 1 else f"x{1 / ratio:.2f} slower"
+    spread = f"ratios {q1:.2f}-{q3:.2f}" + (", noisy" if q3 > 1.5 * q1 else "")
+    if q1 <= 1 <= q3:
+        return f"no measurable change ({spread})"
+    return (f"x{ratio:.2f} faster" if ratio >= 1 else f"x{1 / ratio:.2f} slower") + f" ({spread})"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -73,4 +76,5 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"method: {report.get('method', 'tlc')} ({report.get('preset', 'default')}), "
                  f"steps: {len(report['steps'])}, chosen: {report['chosen_step']}, stop: {report['stop_reason']}, "
                  f"fine-tuning: {report['finetune_epochs_total']:.1f} epochs, wall time {report['wall_time_s']:.0f} s")
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

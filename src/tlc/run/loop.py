@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import tlc
-from tlc._inputs import ExampleInputs, to_device
+from tlc._inputs import ExampleInputs, logits, to_device
+from tlc._inputs import run as run_model
 from tlc.edits import Edit, Linearize, apply_edits, edits_from_json, edits_to_json
 from tlc.errors import SpecError, TLCError
 from tlc.graph import trace
@@ -32,7 +33,8 @@ from tlc.measure import compare, count_macs, count_params, depth
 from tlc.measure.count import weight_sparsity
 from tlc.measure.latency import rebatch
 from tlc.methods.base import Method, NoCandidate, Proposal, build_configs, method_class
-from tlc.report.tables import format_table, network_map
+from tlc.report.tables import format_table, network_map, speed_change
+from tlc.run.checks import base_warnings, fine_tuning_gain, near_chance
 from tlc.run.config import RunConfig, RunContext
 from tlc.run.data import calibration_batches, derive_seed, example_batch
 from tlc.run.records import NON_FINITE, StepRecord
@@ -193,6 +195,9 @@ def _open(method: Method, run: RunContext, outputs: Outputs, original: nn.Module
         state.baseline = loop.evaluate(original, run.val_data)
         state.fingerprint = current
         run.log(f"original: validation accuracy {100 * state.baseline['accuracy']:.2f}%")
+        warning = near_chance(state.baseline["accuracy"], _classes(original, run.example_inputs))
+        if warning:
+            run.log(f"warning: {warning}")
         if checkpoints is not None:
             save_state(checkpoints, state, None, loop.start)
     loop.floor = state.baseline["accuracy"] - run.config.max_acc_drop / 100.0
@@ -227,6 +232,9 @@ def _step(loop: _Loop) -> None:
     stop = _stop_after_step(record, config, state.history)
     record.accepted = record.within_budget or (config.continue_past_budget and record.note != NON_FINITE)
     state.history.append(asdict(record))
+    warning = fine_tuning_gain(state.baseline["accuracy"], state.history, config.max_acc_drop) if step == 1 else ""
+    if warning:
+        loop.say(f"warning: {warning}")
     set_aside = [] if record.accepted or stop else record.sites
     state.set_aside += set_aside
     state.step = step  # a rejected step is recorded too; its weights are not kept
@@ -262,6 +270,7 @@ def _try(loop: _Loop, step: int, attempt: str, lin: nn.Module,
     deployed = merge(candidate, run.example_inputs, policy=config.policy)
     structure = _structure(deployed, run.example_inputs)
     removed, linearized = _channels(applied, loop.channels)
+    speed = _speedup(loop.original, deployed, run, config.latency_repeats)
     finite = result.stopped_reason is None
     evidence = proposal.evidence
     record = StepRecord(
@@ -269,7 +278,7 @@ def _try(loop: _Loop, step: int, attempt: str, lin: nn.Module,
         joint_gap=evidence.get("joint_gap"), val_accuracy=float(metrics["accuracy"]),
         val_loss=float(metrics["loss"]), within_budget=finite and metrics["accuracy"] >= loop.floor - 1e-12,
         accepted=False, activations=structure["activations"], params=structure["params"], macs=structure["macs"],
-        depth=structure["depth"], speedup=_speedup(loop.original, deployed, run, config.latency_repeats),
+        depth=structure["depth"], speedup=speed["ratio"], speedup_q1=speed["ratio_q1"], speedup_q3=speed["ratio_q3"],
         finetune_epochs=float(result.epochs), seconds=time.perf_counter() - began,
         note="" if finite else NON_FINITE, whole_branches=list(evidence.get("whole_branches", [])),
         evidence=evidence,
@@ -304,16 +313,23 @@ def _channels(edits: Sequence[Edit], site_channels: dict[str, int]) -> tuple[int
     return removed, linearized
 
 
+def _classes(model: nn.Module, example: ExampleInputs) -> int:
+    """Classes the model tells apart (the width of its logits)."""
+    with torch.no_grad():
+        return int(logits(run_model(model, example)).shape[-1])
+
+
 def _structure(model: nn.Module, example: ExampleInputs) -> dict[str, int]:
     one = rebatch(example, 1)
     return {"params": count_params(model), "macs": count_macs(model, one), "depth": depth(model, one),
             "activations": len(trace(model, one).sites), "weight_sparsity": weight_sparsity(model)}
 
 
-def _speedup(original: nn.Module, deployed: nn.Module, run: RunContext, repeats: int) -> float:
+def _speedup(original: nn.Module, deployed: nn.Module, run: RunContext, repeats: int) -> dict[str, Any]:
+    """The quick batch-1 latency row of a step (ratio original / deployed, with its quartiles)."""
     cmp = compare(original, deployed, run.example_inputs, batch_sizes=(1,), repeats=repeats, warmup=3, rounds=5,
                   device=str(run.device))
-    return float(cmp.rows[0]["ratio"])
+    return cmp.rows[0]
 
 
 # ============================================================================ stopping rules
@@ -363,7 +379,8 @@ def _step_line(record: StepRecord, baseline: dict[str, Any]) -> str:
     drop = 100 * (baseline["accuracy"] - record.val_accuracy)
     return (f"step {record.step}: val {100 * record.val_accuracy:.2f}% (drop {drop:+.2f} pt), "
             f"{record.activations} activations, depth {record.depth}, {record.macs / 1e6:.1f}M MACs, "
-            f"speed-up x{record.speedup:.2f} [{verdict}]")
+            f"{speed_change({'ratio': record.speedup, 'ratio_q1': record.speedup_q1, 'ratio_q3': record.speedup_q3})} "
+            f"[{verdict}]")
 
 
 # ============================================================================ result and outputs
@@ -430,6 +447,8 @@ def _report(loop: _Loop, deployed: nn.Module, edits: list[Edit]) -> tuple:
         "merge": [asdict(r) for r in deployed.tlc_report.records],
         "network": network_map(loop.original, deployed, run.example_inputs, [s for e in edits for s in e.sites]),
         "wall_time_s": time.perf_counter() - loop.start,
+        "warnings": base_warnings(state.baseline["accuracy"], _classes(loop.original, run.example_inputs),
+                                  state.history, config.max_acc_drop),
     }
     return before, after, steps, state.stop_reason, state.best_step, report
 

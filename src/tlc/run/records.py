@@ -30,6 +30,8 @@ class StepRecord:
     note: str = ""
     whole_branches: list[str] = field(default_factory=list)  # sites collapsed all off: their branch became a bias
     evidence: dict[str, Any] = field(default_factory=dict)
+    speedup_q1: float | None = None  # quartiles of the per-round latency ratios behind `speedup`
+    speedup_q3: float | None = None
 
 
 NON_FINITE = "non-finite loss"
