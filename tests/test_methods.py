@@ -18,7 +18,7 @@ from tlc.methods.base import Method, NoCandidate, Proposal, build_configs, metho
 from tlc.run.config import RunConfig
 from tlc.train import FitConfig
 
-from .helpers import randomize_bn, rel_err
+from .helpers import randomize_bn, rel_err, same_weights
 
 FAST = RunConfig(finetune=FitConfig(epochs=0.5, lr=0.01, batch_size=16), calibration_size=32,
                  calibration_batch_size=16, latency_repeats=2, max_acc_drop=100.0)
@@ -191,3 +191,91 @@ def test_a_recipe_of_the_first_format_still_loads(toy, tmp_path):
     (tmp_path / "recipe.json").write_text(json.dumps({**recipe, "version": 1, "record": record}))
     loaded = tlc.load(tmp_path, model=Residual())
     assert rel_err(deployed(x), loaded(x)) <= 1e-6
+
+
+class TrainedThenRemoved(WidestFirst):
+    """Trains once with its loss before the first step, then collapses without fine-tuning."""
+
+    name = "trained_then_removed_test"
+
+    def pretrain(self, run):
+        return FitConfig(epochs=1.0, lr=0.01, batch_size=16)
+
+    def propose(self, model, graph, run, exclude):
+        proposal = super().propose(model, graph, run, exclude)
+        proposal.finetune = False
+        return proposal
+
+
+def test_training_before_the_first_step_and_steps_without_fine_tuning(toy, tmp_path, monkeypatch):
+    model, data = toy
+    x = data[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
+
+    def run(out, **kwargs):
+        return tlc.compress(model, data, data, method=TrainedThenRemoved, config=FAST, max_steps=2,
+                            example_inputs=x, out_dir=out, progress=False, log=None, **kwargs)
+
+    full = run(tmp_path / "full")
+    assert [s.finetune_epochs for s in full.steps] == [0.0, 0.0]
+    assert full.report["finetune_epochs_total"] == 1.0
+    assert not torch.equal(full.training_model.state_dict()["conv1.weight"], model.conv1.weight)  # it trained
+    import tlc.run.loop as engine
+
+    real_fit = engine.fit
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(engine, "fit", real_fit)
+    resumed = run(tmp_path / "cut", resume=True)
+    assert same_weights(resumed.training_model, full.training_model)
+    assert [s.sites for s in resumed.steps] == [s.sites for s in full.steps]
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_rerun(toy, tmp_path, monkeypatch):
+    """What a run leaves when its first step fails (its baseline checkpoint, a fine-tuning folder) is cleared by
+    the rerun; a run that trained before its first step is progress, and is refused without --resume."""
+    import tlc.run.loop as engine
+
+    model, data = toy
+    x = data[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
+
+    def run(method, out):
+        return tlc.compress(model, data, data, method=method, config=FAST, max_steps=1, example_inputs=x,
+                            out_dir=out, progress=False, log=None)
+
+    real_fit = engine.fit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine, "fit", broken)
+    with pytest.raises(RuntimeError):
+        run(WidestFirst, tmp_path / "first")
+    assert (tmp_path / "first" / "checkpoints" / "step_000.json").is_file()
+    monkeypatch.setattr(engine, "fit", real_fit)
+    assert len(run(WidestFirst, tmp_path / "first").steps) == 1
+
+    calls = []
+
+    def broken_after_training(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real_fit(*args, **kwargs)
+
+    class TrainedThenHealed(TrainedThenRemoved):
+        def propose(self, model, graph, run, exclude):
+            proposal = super().propose(model, graph, run, exclude)
+            proposal.finetune = True
+            return proposal
+
+    monkeypatch.setattr(engine, "fit", broken_after_training)
+    with pytest.raises(RuntimeError):
+        run(TrainedThenHealed, tmp_path / "trained")
+    monkeypatch.setattr(engine, "fit", real_fit)
+    with pytest.raises(tlc.SpecError, match="already holds a run"):
+        run(TrainedThenHealed, tmp_path / "trained")

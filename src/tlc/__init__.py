@@ -10,6 +10,7 @@ from tlc.measure import compare
 from tlc.methods.base import Method, NoCandidate, Proposal, available_methods, register_method
 from tlc.run.config import RunConfig, RunContext
 from tlc.run.loop import CompressionResult, compress
+from tlc.surgery.learnable import MakeLearnable  # noqa: F401 - registers the learnable edits for tlc.load
 from tlc.surgery.linearize import linearize
 from tlc.surgery.merge import merge
 

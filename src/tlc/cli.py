@@ -1,14 +1,18 @@
 """Command line: ``tlc compress | demo | report | export``.
 
-Bad specs, missing files and mismatches print one ``tlc: error: ...`` line and exit with status 2;
-an interrupted run prints how to resume it.
+Bad options, specs, missing files and mismatches print one ``tlc: error: ...`` line and exit with status
+2 (the options of ``compress`` are checked before any work starts); an interrupted run prints how to
+resume it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +100,17 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo")
     d.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
     d.add_argument("--quiet", action="store_true")
-    r = sub.add_parser("report", help="print the before/after table of a run and draw its plots")
+    r = sub.add_parser("report", help="print the before/after table of a run and draw its plots (reads "
+                                      "report.json only: no model is built)")
     r.add_argument("dir")
     r.add_argument("--no-plots", action="store_true")
     e = sub.add_parser("export", help="export a compressed model")
     e.add_argument("dir")
     e.add_argument("--onnx", action="store_true", required=True, help="write DIR/model.onnx (verified)")
     e.add_argument("--output", help="file to write (default DIR/model.onnx)")
+    e.add_argument("--trust-code", action="store_true",
+                   help="run the Python file a py: model spec in DIR names (or read the Hugging Face folder "
+                        "outside DIR it names); only for a folder you trust")
     return parser
 
 
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"compress": _compress, "demo": _demo, "report": _report, "export": _export}[args.command](args)
-    except (TLCError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (TLCError, OSError, ValueError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"tlc: error: {message}", file=sys.stderr)
         return 2
@@ -124,6 +132,77 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ============================================================================ compress
+
+
+# (option, valid, what it must be): the options of `tlc compress` that can be judged alone
+_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("threads", lambda v: v >= 1, "at least 1"),
+    ("num_classes", lambda v: v >= 1, "at least 1"),
+    ("max_steps", lambda v: v >= 1, "at least 1"),
+    ("calibration_size", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("rejection_patience", lambda v: v >= 1, "at least 1"),
+    ("max_acc_drop", lambda v: v >= 0, "a number of points >= 0"),
+    ("target_speedup", lambda v: v > 0, "a speed-up > 0"),
+    ("target_macs_ratio", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    ("finetune_epochs", lambda v: v >= 0, "a number of epochs >= 0"),
+    ("final_finetune_epochs", lambda v: v >= 0, "a number of epochs >= 0"),
+    ("train_epochs", lambda v: v >= 0, "a number of epochs >= 0"),
+    ("lr", lambda v: v > 0, "a learning rate > 0"),
+    ("gap_tolerance", lambda v: v >= 0, "a loss gap >= 0"),
+)
+
+
+def _check_compress_args(args: argparse.Namespace) -> None:
+    """Refuse, before any work starts and before anything is written, every option of ``tlc compress``
+    that is wrong on its own: numbers out of range, the output folder, the device, the weights file."""
+    from tlc.errors import SpecError
+    from tlc.zoo.models import check_weights_file
+
+    for name, valid, requirement in _RULES:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and valid(value)):
+            raise SpecError(f"--{name.replace('_', '-')} {value} must be {requirement}")
+    bad = [b for b in args.latency_batch_sizes if b < 1]
+    if bad:
+        raise SpecError(f"--latency-batch-sizes {bad[0]}: batch sizes must be at least 1")
+    _check_out(Path(args.out))
+    _check_device(args.device)
+    if args.weights is not None:
+        check_weights_file(args.weights)
+
+
+def _check_out(out: Path) -> None:
+    """The output folder must be a folder, or creatable, and writable."""
+    from tlc.errors import SpecError
+
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpecError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"--out {out}: {existing} is not writable")
+
+
+def _check_device(name: str) -> None:
+    """cpu, or cuda[:N] where such a GPU exists (mps where available)."""
+    import torch
+
+    from tlc.errors import SpecError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SpecError(f"--device {name}: unknown device; use cpu or cuda") from None
+    if device.type == "cpu" or (device.type == "mps" and torch.backends.mps.is_available()):
+        return
+    if device.type != "cuda":
+        raise SpecError(f"--device {name}: tlc runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise SpecError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SpecError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s) here")
 
 
 def _config(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -191,27 +270,55 @@ def _check_shapes(model: Any, data: Any) -> None:
         raise SpecError(f"the model outputs {classes} classes, {data.name} has {data.num_classes}")
 
 
-def _pretrain(model: Any, data: Any, epochs: float, out: Path, args: argparse.Namespace, quiet: bool) -> None:
-    """Train an untrained model first (kept in OUT/trained.safetensors so that --resume reuses it)."""
+def _family_recipe(model: Any, run: Any, args: argparse.Namespace) -> Any:
+    """The run with the fine-tuning recipe of the model's family (a transformer: AdamW at 2e-5, not the CNN
+    recipe's SGD at 0.01) unless the command line names its own learning rate or batch; printed."""
     import dataclasses
 
-    from safetensors.torch import load_file, save_file
+    from tlc.train.recipes import describe, model_family, recipe
 
-    from tlc.train import FitConfig, fit
+    family = model_family(model)
+    fitting = recipe(family, "paper" if args.preset == "paper" else "finetune")
+    if family != "cnn" and fitting is not None and args.lr is None and args.batch_size is None:
+        epochs = args.finetune_epochs if args.finetune_epochs is not None else fitting.epochs
+        run = dataclasses.replace(run, finetune=dataclasses.replace(fitting, epochs=epochs))
+    print(f"fine-tuning recipe ({family}): {describe(run.finetune)}")
+    return run
 
-    path = out / "trained.safetensors"
+
+def _pretrain(model: Any, data: Any, epochs: float, out: Path, args: argparse.Namespace, quiet: bool) -> None:
+    """Train an untrained model first, checkpointed after every epoch in OUT/pretrain/ (so that a rerun or
+    --resume continues an interrupted training where it stopped) and kept in OUT/trained.safetensors."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from tlc.train import fit
+    from tlc.train.checkpoint import complete_checkpoints, latest_complete, remove_checkpoint
+    from tlc.train.loop import CHECKPOINT_PREFIX
+    from tlc.train.recipes import describe, model_family, recipe
+    from tlc.zoo.models import load_weights
+
+    path, checkpoints = out / "trained.safetensors", out / "pretrain"
     if path.is_file():
-        model.load_state_dict(load_file(str(path)))
+        load_weights(model, path)
         print(f"using the model trained earlier: {path}")
         return
-    config = dataclasses.replace(FitConfig(epochs=epochs, lr=0.05, schedule="cosine", weight_decay=5e-4),
+    config = dataclasses.replace(recipe(model_family(model), "pretrain", epochs),
                                  **({"batch_size": args.batch_size} if getattr(args, "batch_size", None) else {}))
+    print(f"training recipe ({model_family(model)}): {describe(config)}")
+    earlier = latest_complete(checkpoints, CHECKPOINT_PREFIX)
+    if earlier is not None:
+        print(f"continuing the interrupted training from {checkpoints / earlier}")
     fit(model, data.train, config, collate_fn=data.collate_fn, device=args.device, seed=args.seed,
-        progress=not quiet, description="training")
-    out.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir=checkpoints, resume=True, progress=not quiet, description="training")
     tmp = out / ".trained.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
+    for name in complete_checkpoints(checkpoints, CHECKPOINT_PREFIX):
+        remove_checkpoint(checkpoints, name)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -219,11 +326,13 @@ def _compress(args: argparse.Namespace) -> int:
 
     from tlc.run.loop import compress
 
-    method, run, own = _config(args)  # bad settings are refused before any work
+    _check_compress_args(args)  # bad options and settings are refused before any work
+    method, run, own = _config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, spec, data = _load(args.model, args.data, args)
+    run = _family_recipe(model, run, args)
     out = Path(args.out)
     if args.train_epochs:
         _pretrain(model, data, args.train_epochs, out, args, args.quiet)
@@ -236,7 +345,9 @@ def _compress(args: argparse.Namespace) -> int:
     )
     print()
     print(result)
-    print(f"\noutputs in {out}/: report.json, steps.csv, recipe.json + weights.safetensors (tlc.load('{out}'))")
+    trust = ", trust_code=True" if spec.kind == "py" else ""  # the folder names your Python file
+    print(f"\noutputs in {out}/: report.json, steps.csv, recipe.json + weights.safetensors "
+          f"(tlc.load('{out}'{trust}))")
     return 0
 
 
@@ -290,33 +401,62 @@ def _demo_model(data_spec: str, ns: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import json
-
-    from tlc.errors import SpecError
     from tlc.report.tables import format_table
 
-    path = Path(args.dir) / "report.json"
-    if not path.is_file():
-        raise SpecError(f"no report.json in {args.dir}: not the output of tlc compress")
-    report = json.loads(path.read_text())
-    print(format_table(report))
+    report, path = _read_report(Path(args.dir))
+    with _malformed(path):
+        table = format_table(report)
+    print(table)
     if not args.no_plots:
         from tlc.io.plots import write_plots
 
-        for written in write_plots(report, Path(args.dir)):
-            print(f"wrote {written}")
+        with _malformed(path):
+            written = write_plots(report, Path(args.dir))
+        for name in written:
+            print(f"wrote {name}")
     return 0
+
+
+def _read_report(folder: Path) -> tuple[dict[str, Any], Path]:
+    """A run's report.json, or one error line naming it."""
+    import json
+
+    from tlc.errors import SpecError
+
+    path = folder / "report.json"
+    if not path.is_file():
+        raise SpecError(f"no report.json in {folder}: not the output of tlc compress")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path} is not a text file ({exc.reason})") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("original"), dict):
+        raise SpecError(f"{path} is not a tlc report (no 'original' measurements)")
+    return report, path
+
+
+@contextlib.contextmanager
+def _malformed(path: Path) -> Iterator[None]:
+    """What a report with missing or mistyped fields raises, as one error line naming the file."""
+    from tlc.errors import SpecError, TLCError
+
+    try:
+        yield
+    except TLCError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise SpecError(f"{path} is not a well-formed tlc report ({type(exc).__name__}: {exc})") from exc
 
 
 def _export(args: argparse.Namespace) -> int:
     from tlc.io.export import export_onnx
-    from tlc.io.recipe import RECIPE, build_inputs, load
+    from tlc.io.recipe import load, saved_example_inputs
 
     folder = Path(args.dir)
-    model = load(folder)
-    import json
-
-    example = build_inputs(json.loads((folder / RECIPE).read_text())["example_inputs"])
+    model = load(folder, trust_code=args.trust_code)
+    example = saved_example_inputs(folder)
     target = Path(args.output) if args.output else folder / "model.onnx"
     export_onnx(model, example, target)
     print(f"wrote {target} (checked against PyTorch with ONNX Runtime)")

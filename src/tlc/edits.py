@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tlc._inputs import ExampleInputs
-from tlc.errors import SpecError
+from tlc.errors import SpecError, TLCError
 
 EDIT_TYPES: dict[str, type[Edit]] = {}
 
@@ -72,6 +72,27 @@ def apply_edits(model: nn.Module, edits: Sequence[Edit], example_inputs: Example
     return model, applied
 
 
+MAX_PADDING = 256  # a recorded padding move gathers the paddings of a few convolutions: no more than this
+
+
+def _check(name: str, value: Any, valid: Any) -> None:
+    """Refuse a malformed field of an edit, naming it (a recipe.json is data from elsewhere)."""
+    if not valid(value):
+        raise SpecError(f"edit field {name!r} is malformed: {value!r:.120}")
+
+
+def _is_seq(value: Any, item: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str) and all(item(v) for v in value)
+
+
+def _is_names(value: Any) -> bool:
+    return _is_seq(value, lambda v: isinstance(v, str))
+
+
+def _is_map(value: Any, item: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) and item(v) for k, v in value.items())
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
@@ -97,6 +118,12 @@ class Linearize(Edit):
     @classmethod
     def from_fields(cls, site_names: Sequence[str], masks: Mapping[str, Any] | None = None, policy: str = "macs",
                     paddings: Mapping[str, Sequence[int]] | None = None) -> Linearize:
+        """The edit from its fields, checked (they may come from a recipe.json written elsewhere)."""
+        _check("site_names", site_names, _is_names)
+        _check("masks", masks or {}, lambda m: _is_map(m, lambda v: v is None or _is_seq(v, lambda b: b in (0, 1))))
+        _check("policy", policy, lambda p: isinstance(p, str))
+        _check("paddings", paddings or {}, lambda m: _is_map(m, lambda v: _is_seq(v, lambda p: type(p) is int and
+                                                                                   0 <= p <= MAX_PADDING)))
         return cls(tuple(site_names), {k: None if v is None else tuple(int(b) for b in v) for k, v in
                                        (masks or {}).items()},
                    policy, None if paddings is None else {k: tuple(v) for k, v in paddings.items()})
@@ -146,6 +173,7 @@ class WeightMask(Edit):
 
     @classmethod
     def from_fields(cls, sparsity: Mapping[str, float]) -> WeightMask:
+        _check("sparsity", sparsity, lambda m: _is_map(m, lambda v: type(v) in (int, float) and 0 <= v <= 1))
         return cls(dict(sparsity))
 
     @classmethod
@@ -172,6 +200,51 @@ class WeightMask(Edit):
         return form, WeightMask(dict(self.sparsity))
 
 
+@register_edit
+@dataclass(frozen=True)
+class ReplaceByIdentity(Edit):
+    """A submodule whose input and output have the same shape becomes ``nn.Identity`` (LaCoOT removes a
+    block so; candidates: :func:`tlc.criteria.blocks.candidate_blocks`).
+
+    In an ``fx.GraphModule`` (a training form of :func:`tlc.linearize`) the submodule's code is inlined:
+    there the nodes its call traced to are removed and what read their output reads its input
+    (:func:`tlc.criteria.blocks.remove_call`). ``sites`` is the module path, so that a rejected step sets
+    the block aside."""
+
+    kind: ClassVar[str] = "replace_by_identity"
+    module_path: str
+
+    @classmethod
+    def from_fields(cls, module_path: str) -> ReplaceByIdentity:
+        _check("module_path", module_path, lambda v: isinstance(v, str) and bool(v))
+        return cls(module_path)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (self.module_path,)
+
+    def apply(self, model: nn.Module, example_inputs: ExampleInputs) -> tuple[nn.Module, ReplaceByIdentity]:
+        import copy
+
+        from torch import fx
+
+        from tlc.criteria.blocks import remove_call, unreplaceable
+
+        if isinstance(model, fx.GraphModule):
+            return remove_call(model, self.module_path, example_inputs), self
+        try:
+            model.get_submodule(self.module_path)
+        except AttributeError as exc:
+            raise SpecError(f"cannot replace '{self.module_path}' by the identity: the model has no such "
+                            "submodule") from exc
+        reason = unreplaceable(model, [self.module_path], example_inputs).get(self.module_path)
+        if reason:
+            raise TLCError(f"cannot replace '{self.module_path}' by the identity: {reason}")
+        form = copy.deepcopy(model)
+        form.set_submodule(self.module_path, nn.Identity())
+        return form, self
+
+
 def weight_masks(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The 0/1 mask of each named parameter: 1 where it is non-zero (what unstructured pruning kept)."""
     params = dict(model.named_parameters())
@@ -194,5 +267,5 @@ def edits_from_json(data: Sequence[Mapping[str, Any]]) -> list[Edit]:
     return [edit_from_json(d) for d in data]
 
 
-__all__ = ["EDIT_TYPES", "Edit", "Linearize", "WeightMask", "apply_edits", "edit_from_json",
+__all__ = ["EDIT_TYPES", "Edit", "Linearize", "ReplaceByIdentity", "WeightMask", "apply_edits", "edit_from_json",
            "edits_from_json", "edits_from_record", "edits_to_json", "register_edit", "weight_masks"]

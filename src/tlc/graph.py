@@ -4,12 +4,27 @@ torch.fx is used where it traces the model (torchvision, timm, most user models)
 fallback (Hugging Face transformers 5 has no fx tracer). Either way the result is an
 ``fx.GraphModule`` whose nodes are classified by :mod:`tlc.ops`, with the tensor shape of every node
 recorded on the example inputs.
+
+Not every activation is offered as a candidate (``Graph.sites``, :func:`find_sites`): ``Graph.excluded``
+lists the others, each with its ``reason``. Two cases:
+
+* unaddressable (``Site.addressable`` False): in a model only torch.export traces, tlc linearizes by
+  replacing activation *modules*, so a functional activation or a module created inside ``forward``
+  (DistilBERT's classifier ``nn.ReLU()``), or a module called several times, cannot be replaced. It is
+  kept as it is (the rest of the model is compressed around it); asking for it by name raises a
+  :class:`TraceError` saying why.
+* gated (``Site.gated``): the activation's output only feeds products with another computed tensor, as
+  the gate of a GLU-style MLP (Llama's ``down(silu(gate(x)) * up(x))``). Linearized, it leaves the
+  product of two linear maps, which is not linear: nothing merges, so no saving is possible and it is
+  not offered. It can still be linearized by name (the model stays correct and the merge keeps the
+  product).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +35,7 @@ from torch.utils._pytree import tree_map
 
 from tlc._inputs import ExampleInputs, as_call, max_relative_error, output_tensors
 from tlc.errors import TraceError, UnknownSiteError
-from tlc.ops import LINEAR_KINDS, Kind, OpInfo, classify, is_leaf_module
+from tlc.ops import LINEAR_KINDS, Kind, OpInfo, classify, export_equivalent, is_leaf_module, register_libraries
 from tlc.sites import SiteActivation
 
 TRACE_TOLERANCE = 1e-5
@@ -44,6 +59,14 @@ class Site:
     module: str | None
     call_index: int
     bn: str | None
+    addressable: bool = True
+    gated: bool = False
+    reason: str = ""
+
+    @property
+    def offered(self) -> bool:
+        """Whether tlc offers this site as a candidate (see the module docstring)."""
+        return self.addressable and not self.gated
 
     def __str__(self) -> str:
         return self.name
@@ -74,7 +97,9 @@ class Graph:
         self.example_inputs = example_inputs
         self.info: dict[fx.Node, OpInfo] = {n: classify(n, gm) for n in gm.graph.nodes}
         self._check_inplace()
-        self.sites: list[Site] = _find_sites(self)
+        self.all_sites: list[Site] = _find_sites(self)
+        self.sites: list[Site] = [s for s in self.all_sites if s.offered]
+        self.excluded: list[Site] = [s for s in self.all_sites if not s.offered]
         self.segments: list[Segment] = _find_segments(self)
 
     # ------------------------------------------------------------------ queries
@@ -88,11 +113,20 @@ class Graph:
     def kind(self, node: fx.Node) -> Kind:
         return self.info[node].kind
 
+    @property
+    def unaddressable(self) -> list[Site]:
+        """Sites tlc cannot linearize in this model (kept as they are)."""
+        return [s for s in self.all_sites if not s.addressable]
+
     def site(self, name: str) -> Site:
-        for s in self.sites:
+        """The site called ``name``: a candidate, or a gated site asked for explicitly; an unaddressable
+        site raises :class:`TraceError` saying why, an unknown name :class:`UnknownSiteError`."""
+        for s in self.all_sites:
             if s.name == name:
+                if not s.addressable:
+                    raise TraceError(f"cannot linearize site {name}: {s.reason}")
                 return s
-        raise UnknownSiteError(_unknown_site_message(name, [s.name for s in self.sites]))
+        raise UnknownSiteError(_unknown_site_message(name, [s.name for s in self.all_sites]))
 
     def site_node(self, site: Site) -> fx.Node:
         for n in self.gm.graph.nodes:
@@ -118,6 +152,9 @@ class Graph:
         for s in self.sites:
             bn = f"  after BN {s.bn}" if s.bn else ""
             lines.append(f"  {s.name:<{width}}  {s.activation:<10} {s.channels:>6} ch (dim {s.channel_dim}){bn}")
+        if self.excluded:
+            lines.append("not offered:")
+            lines.extend(f"  {s.name}  {s.activation}: {s.reason}" for s in self.excluded)
         lines.append("segments:")
         for seg in self.segments:
             lines.append(f"  {seg.index:>3}: {seg}")
@@ -161,7 +198,9 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, backend: str = "au
     """
     if backend not in ("auto", "fx", "export"):
         raise ValueError(f"backend must be 'auto', 'fx' or 'export', not {backend!r}")
+    register_libraries()
     source = copy.deepcopy(model).eval()
+    _without_cache(source)
     args, kwargs = as_call(example_inputs)
     with torch.no_grad():
         reference = source(*args, **kwargs)
@@ -180,6 +219,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs, *, backend: str = "au
             if backend == "fx":
                 raise TraceError(f"{type(model).__name__} cannot be traced by torch.fx: {errors[-1]}") from exc
     try:
+        _use_equivalents(source)
         gm = _export(source, args, kwargs)
         _check_reproduces(gm, args, kwargs, reference, "torch.export")
     except TraceError:
@@ -198,6 +238,38 @@ def _graph_of_graph_module(gm: fx.GraphModule, args: tuple, kwargs: dict, refere
     _check_reproduces(gm, args, kwargs, reference, "graph")
     aten = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
     return Graph(gm, "export" if aten else "fx", gm, example_inputs)
+
+
+def _without_cache(model: nn.Module) -> None:
+    """Trace Hugging Face decoders without their key/value cache.
+
+    With ``config.use_cache`` (the default of GPT-2, Llama, Qwen2, ...) the output holds a
+    ``transformers.cache_utils.DynamicCache``, which torch.export cannot return (no pytree is registered
+    for it): "Found <class 'transformers.cache_utils.DynamicCache'> in output, which is not a known type"
+    (strict=False, the default), "Encountered unrecognized type UserDefinedObjectVariable(DynamicCache)"
+    (strict=True), with sdpa and eager attention alike (torch 2.14, transformers 5.25). Without the cache
+    both export; torch.fx fails on any transformers 5 model ("co_varnames is too small"). tlc compresses
+    the forward pass, not generation: the traced copy, and so the deploy form, runs without a cache.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
+
+
+def _use_equivalents(model: nn.Module) -> None:
+    """Replace, in place, the modules the op registry knows only as a whole by equivalent modules that
+    torch.export keeps recognisable (it has no leaf modules), see :func:`tlc.ops.register_equivalent`.
+    A module used at several paths is replaced by one module, so sharing is kept."""
+    built: dict[int, nn.Module | None] = {}
+    replaced: list[str] = []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name or any(name.startswith(prefix + ".") for prefix in replaced):
+            continue
+        if id(module) not in built:
+            built[id(module)] = export_equivalent(module)
+        if built[id(module)] is not None:
+            model.set_submodule(name, built[id(module)])
+            replaced.append(name)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -427,6 +499,9 @@ def _find_sites(graph: Graph) -> list[Site]:
         dim = channel_dim_of(graph, x)
         producer = graph.producer_through_identity(x)
         bn = graph.info[producer].owner if graph.info[producer].kind is Kind.BN else None
+        unaddressable = _unaddressable_reason(graph, name, module)
+        gated = _is_gated(graph, node)
+        reasons = [unaddressable] + ([_GATED_REASON] if gated else [])
         sites.append(Site(
             name=name,
             activation=graph.info[node].activation or "unknown",
@@ -437,8 +512,55 @@ def _find_sites(graph: Graph) -> list[Site]:
             module=module,
             call_index=k,
             bn=bn,
+            addressable=not unaddressable,
+            gated=gated,
+            reason="; ".join(r for r in reasons if r),
         ))
     return sites
+
+
+_GATED_REASON = ("its output only feeds products with another computed tensor (a gated, GLU-style MLP): "
+                 "linearized, it leaves a product of two linear maps, which is not linear, so nothing would merge")
+_PRODUCTS = frozenset({operator.mul, torch.mul, torch.ops.aten.mul.Tensor})
+
+
+def _unaddressable_reason(graph: Graph, name: str, module: str | None) -> str:
+    """Why linearize cannot replace this site ("" when it can). In a model only torch.export traces, the
+    training form is the model's own class with activation *modules* replaced (see
+    :func:`tlc.surgery.linearize.linearize`); an fx graph or a graph module is edited node by node."""
+    if graph.backend != "export" or isinstance(graph.source, fx.GraphModule):
+        return ""
+    if module is None:
+        where = name.rpartition(".")[0] or type(graph.source).__name__
+        return (f"it (in the forward of {where}) is a functional activation, or an activation module created "
+                "inside forward, in a model only torch.export traces; tlc can only replace activation modules that "
+                "are attributes of the model there, so it is kept as it is")
+    if "#" in name:
+        return (f"module '{module}' is called several times in a model only torch.export traces; replacing it "
+                "would change every call, so it is kept as it is (give each call its own activation module)")
+    return ""
+
+
+def _is_gated(graph: Graph, node: fx.Node) -> bool:
+    """Whether the site's output (through identities) feeds only products with another computed tensor."""
+    users, frontier = [], list(node.users)
+    while frontier:
+        user = frontier.pop()
+        if graph.info[user].kind is Kind.IDENTITY:
+            frontier.extend(user.users)
+        else:
+            users.append(user)
+    return bool(users) and all(_is_product(graph, u) for u in users)
+
+
+def _is_product(graph: Graph, node: fx.Node) -> bool:
+    """An elementwise product of two computed tensors (a product with a constant is a SCALE, not this)."""
+    if graph.info[node].kind is not Kind.OTHER or len(node.args) != 2 or node.kwargs:
+        return False
+    is_mul = (node.op == "call_function" and node.target in _PRODUCTS) or (node.op == "call_method"
+                                                                          and node.target == "mul")
+    return is_mul and all(isinstance(a, fx.Node) and a.op != "get_attr" and a.meta.get("tlc_shape") is not None
+                          for a in node.args)
 
 
 def _unknown_site_message(name: str, names: Sequence[str]) -> str:
@@ -462,7 +584,8 @@ def resolve_sites(graph: Graph, sites: Iterable[Site | str]) -> list[Site]:
 
 
 def find_sites(model: nn.Module, example_inputs: ExampleInputs) -> list[Site]:
-    """The activation sites of ``model``, in execution order."""
+    """The activation sites of ``model`` that tlc offers as candidates, in execution order (the others,
+    with why, are in ``trace(model, example_inputs).excluded``)."""
     return trace(model, example_inputs).sites
 
 

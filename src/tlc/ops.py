@@ -5,7 +5,12 @@ classified into an :class:`OpInfo`. The merge engine only understands the kinds 
 is ``OTHER`` and ends a linear segment, which keeps unknown operations correct (never merged).
 
 Users extend the registry with :func:`register_module`, :func:`register_function`,
-:func:`register_activation` and :func:`register_identity`.
+:func:`register_activation`, :func:`register_identity` and :func:`register_linear`.
+
+torch.export traces through every module (it has no leaf modules), so a module the registry knows
+only as a whole (Hugging Face's ``Conv1D``, an activation written as a formula) is replaced, in the
+copy that is exported, by an equivalent module torch.export keeps as one recognisable op
+(:func:`register_equivalent`, :func:`export_equivalent`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import enum
 import math
 import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +79,7 @@ _FUNCTION_HANDLERS: dict[Any, FunctionHandler] = {}
 _METHOD_HANDLERS: dict[str, FunctionHandler] = {}
 _LEAF_TYPES: set[type] = set()
 _LEAF_NAMES: set[str] = {"StochasticDepth", "DropPath"}
+_EQUIVALENTS: dict[type, Callable[[nn.Module], nn.Module]] = {}
 
 
 def register_module(module_type: type, handler: ModuleHandler, *, leaf: bool = True) -> None:
@@ -92,9 +99,73 @@ def register_method(name: str, handler: FunctionHandler) -> None:
     _METHOD_HANDLERS[name] = handler
 
 
-def register_activation(module_type: type, name: str) -> None:
-    """Declare a custom activation module as a site that tlc may linearize."""
+def register_activation(module_type: type, name: str,
+                        equivalent: Callable[[nn.Module], nn.Module] | None = None) -> None:
+    """Declare a custom activation module as a site that tlc may linearize.
+
+    ``equivalent`` builds a standard activation module computing the same function (up to rounding):
+    torch.export traces through custom modules, so without it an activation written as a formula
+    (``0.5 * x * (1 + tanh(...))``) is no site in models that only torch.export traces.
+    """
     register_module(module_type, _module_site(name))
+    if equivalent is not None:
+        register_equivalent(module_type, equivalent)
+
+
+def register_equivalent(module_type: type, build: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace modules of ``module_type`` by ``build(module)`` (same function) before torch.export."""
+    _EQUIVALENTS[module_type] = build
+
+
+def export_equivalent(module: nn.Module) -> nn.Module | None:
+    """The module to export in place of ``module`` (see :func:`register_equivalent`), or None."""
+    build = _EQUIVALENTS.get(type(module))
+    return build(module) if build is not None else None
+
+
+def register_linear(module_type: type,
+                    weight_and_bias: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Declare a module computing ``x @ W.T + b`` on the last dimension in its own way, ``weight_and_bias``
+    giving its ``(W, b)`` in nn.Linear's layout: a linear layer for the merge engine (a leaf for torch.fx,
+    an ``nn.Linear`` for torch.export)."""
+
+    def handler(node: fx.Node, m: nn.Module, gm: fx.GraphModule) -> OpInfo:
+        weight, bias = weight_and_bias(m)
+        return OpInfo(Kind.LINEAR, (node.args[0],), dict(weight=weight, bias=bias), owner=node.target)
+
+    def as_linear(m: nn.Module) -> nn.Linear:
+        weight, bias = (t.detach() if t is not None else None for t in weight_and_bias(m))
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                          dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    register_module(module_type, handler)
+    register_equivalent(module_type, as_linear)
+
+
+_registered_libraries: set[str] = set()
+
+
+def register_libraries() -> None:
+    """Register the layers of optional libraries that are already imported (importing them here would
+    cost seconds for models that do not use them): Hugging Face's ``Conv1D`` (GPT-2's linear layers,
+    weight stored transposed) and its GELU written as a tanh formula (GPT-2's ``gelu_new``)."""
+    if "transformers" in sys.modules and "transformers" not in _registered_libraries:
+        _registered_libraries.add("transformers")
+        try:
+            from transformers import activations
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # pragma: no cover - a broken or partial install: its layers stay unknown
+            return
+        register_linear(Conv1D, lambda m: (m.weight.t(), m.bias))
+        for name in ("NewGELUActivation", "FastGELUActivation"):
+            cls = getattr(activations, name, None)
+            if cls is not None:  # both are 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), up to rounding
+                register_activation(cls, "gelu", equivalent=lambda m: nn.GELU(approximate="tanh"))
 
 
 def register_identity(module_type: type) -> None:
@@ -464,6 +535,7 @@ for _name, _fs in {
     "celu": (F.celu, _aten.celu.default),
     "mish": (F.mish, _aten.mish.default),
     "softplus": (F.softplus, _aten.softplus.default),
+    "prelu": (F.prelu, _aten.prelu.default, _aten._prelu_kernel.default),  # nn.PReLU under torch.export
 }.items():
     for _f in _fs:
         register_function(_f, _function_site(_name))

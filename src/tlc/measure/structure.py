@@ -79,7 +79,7 @@ def depth(model: nn.Module, example_inputs: ExampleInputs) -> int:
 
 
 def activations(model: nn.Module, example_inputs: ExampleInputs) -> int:
-    """Non-linear activation sites left in the model (what tlc could still linearize)."""
+    """Non-linear activation sites left in the model, those tlc does not offer (gated, unaddressable) included."""
     from tlc.graph import trace
 
-    return len(trace(model, example_inputs).sites)
+    return len(trace(model, example_inputs).all_sites)

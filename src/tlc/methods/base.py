@@ -42,12 +42,14 @@ class Proposal:
 
     ``edits`` are applied to the current training form; ``evidence`` is the method's own account (loss
     gaps, entropies, sparsity, ...: JSON values), recorded in the step; ``fallback`` is a smaller proposal
-    tried when this one breaks the budget; ``label`` is the log line's description."""
+    tried when this one breaks the budget; ``label`` is the log line's description; ``finetune=False``
+    skips the step's fine-tuning (a protocol that removes without healing)."""
 
     edits: list[Edit]
     evidence: dict[str, Any] = field(default_factory=dict)
     fallback: Proposal | None = None
     label: str = ""
+    finetune: bool = True  # False: the step is judged as edited, with no fine-tuning (no "healing")
 
     @property
     def sites(self) -> list[str]:
@@ -69,6 +71,11 @@ class Method:
     def prepare(self, model: nn.Module, run: RunContext) -> list[Edit]:
         """Edits made once before the first step (e.g. activations made learnable)."""
         return []
+
+    def pretrain(self, run: RunContext) -> FitConfig | None:
+        """Training before the first step, with the method's loss and after-step hooks (e.g. a regularizer
+        that makes blocks removable); None: none. Checkpointed and resumed like a step."""
+        return None
 
     def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
         """This step's edits for ``model`` (traced as ``graph``), not touching the sites in ``exclude``
@@ -98,6 +105,9 @@ BUILTIN = {
     "tlc": "tlc.methods.tlc",
     "easier": "tlc.methods.easier",
     "nepenthe": "tlc.methods.nepenthe",
+    "lacoot": "tlc.methods.lacoot",
+    "layer_collapse": "tlc.methods.layer_collapse",
+    "layer_folding": "tlc.methods.layer_folding",
 }
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -25,7 +25,7 @@ def network_map(original: nn.Module, deployed: nn.Module, example: ExampleInputs
     for record in deployed.tlc_report.records:
         for op in record.replaces:
             into[op[op.index("(") + 1:-1]] = record.name
-    site_of = {s.node: s.name for s in graph.sites}
+    site_of = {s.node: s.name for s in graph.all_sites}
     entries = []
     for node in graph.nodes:
         info = graph.info[node]

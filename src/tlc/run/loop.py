@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from tlc.edits import Edit, Linearize, apply_edits, edits_from_json, edits_to_js
 from tlc.errors import SpecError, TLCError
 from tlc.graph import trace
 from tlc.io.recipe import check_reload, save
-from tlc.measure import compare, count_macs, count_params, depth
+from tlc.measure import activations, compare, count_macs, count_params, depth
 from tlc.measure.count import weight_sparsity
 from tlc.measure.latency import rebatch
 from tlc.methods.base import Method, NoCandidate, Proposal, build_configs, method_class
@@ -41,7 +42,13 @@ from tlc.run.records import NON_FINITE, StepRecord
 from tlc.run.state import CHECKPOINT_PREFIX, RunState, fingerprint, load_state, save_state, step_weights
 from tlc.surgery.merge import merge
 from tlc.train import FitHooks, evaluate, fit
-from tlc.train.checkpoint import atomic_write_json, atomic_write_text, latest_complete, remove_checkpoint
+from tlc.train.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    latest_complete,
+    read_state,
+    remove_checkpoint,
+)
 
 
 @dataclass
@@ -108,7 +115,7 @@ class _Loop:
     def rebuild(self, edits: list[dict[str, Any]]) -> nn.Module:
         """The training form a list of (applied) edits gives from the prepared model."""
         model, _ = apply_edits(self.prepared, edits_from_json(edits), self.run.example_inputs)
-        return model
+        return copy.deepcopy(model) if model is self.prepared else model
 
 
 # ============================================================================ entry point
@@ -176,9 +183,8 @@ def _open(method: Method, run: RunContext, outputs: Outputs, original: nn.Module
     current = fingerprint(method.name, _settings(method, run.config), {
         "model": outputs.model_spec, "data": outputs.data_spec, "val": len(run.val_data),
         "train": len(run.train_data), "params": count_params(original)})
-    if checkpoints is not None and not resume and latest_complete(checkpoints, CHECKPOINT_PREFIX) is not None:
-        raise SpecError(f"{checkpoints.parent} already holds a run; pass resume=True (--resume) to continue it, "
-                       "or choose another output directory")
+    if checkpoints is not None and not resume:
+        _refuse_or_clear(checkpoints)
     defaults = _settings(type(method)(), RunConfig())
     loaded = load_state(checkpoints, current, defaults) if (resume and checkpoints is not None) else None
     prepared, prepare_edits = apply_edits(original, method.prepare(original, run), run.example_inputs)
@@ -187,8 +193,8 @@ def _open(method: Method, run: RunContext, outputs: Outputs, original: nn.Module
         run.log(f"resuming after step {state.step}" if loaded is not None else "nothing to resume: starting a new run")
     loop = _Loop(method, run, outputs, original, prepared.eval(), prepare_edits, state,
                  start - (state.elapsed_s or sum(h["seconds"] for h in state.history)))
-    loop.current = loop.rebuild(state.edits) if state.edits else loop.prepared
-    if tensors is not None and state.edits:
+    loop.current = loop.rebuild(state.edits)
+    if tensors and (state.pretrained or any(h["accepted"] for h in state.history)):  # the last kept weights
         loop.current.load_state_dict(tensors)
     loop.current.eval()
     if not state.baseline:
@@ -198,11 +204,51 @@ def _open(method: Method, run: RunContext, outputs: Outputs, original: nn.Module
         warning = near_chance(state.baseline["accuracy"], _classes(original, run.example_inputs))
         if warning:
             run.log(f"warning: {warning}")
+        _pretrain(loop)
         if checkpoints is not None:
-            save_state(checkpoints, state, None, loop.start)
+            save_state(checkpoints, state, loop.current if state.pretrained else None, loop.start)
     loop.floor = state.baseline["accuracy"] - run.config.max_acc_drop / 100.0
     loop.structure = _structure(original, run.example_inputs)
     return loop
+
+
+def _refuse_or_clear(checkpoints: Path) -> None:
+    """A new run in a folder: refused where a run made progress (a step, or the training before the first
+    one), so nothing is overwritten; what a run that failed before its first step left is cleared, so that
+    it does not block the corrected rerun."""
+    latest = latest_complete(checkpoints, CHECKPOINT_PREFIX)
+    if latest is None:
+        return
+    progressed = latest != f"{CHECKPOINT_PREFIX}000" or RunState.from_json(read_state(checkpoints, latest)).pretrained
+    if progressed:
+        raise SpecError(f"{checkpoints.parent} already holds a run; pass resume=True (--resume) to continue it, "
+                        "or choose another output directory")
+    remove_checkpoint(checkpoints, latest)
+    for leftover in checkpoints.glob("fit_*"):
+        shutil.rmtree(leftover)
+
+
+def _pretrain_epochs(loop: _Loop) -> float:
+    pretraining = loop.method.pretrain(loop.run) if loop.state.pretrained else None
+    return pretraining.epochs if pretraining is not None else 0.0
+
+
+def _pretrain(loop: _Loop) -> None:
+    """The method's training before the first step (with its hooks), on the prepared model."""
+    config = loop.method.pretrain(loop.run)
+    if config is None:
+        return
+    run, checkpoints = loop.run, loop.outputs.checkpoints
+    fit_dir = checkpoints / "fit_000" if checkpoints is not None else None
+    loop.say(f"training before the first step ({config.epochs:g} epochs, with {loop.method.name}'s hooks)")
+    result = fit(loop.current, run.train_data, config, collate_fn=run.collate_fn, device=run.device,
+                 seed=derive_seed(loop.config.seed, 0), checkpoint_dir=fit_dir, resume=fit_dir is not None,
+                 progress=run.progress, description="training", hooks=_hooks(loop.method))
+    if result.stopped_reason is not None:
+        raise TLCError(f"training before the first step stopped: {result.stopped_reason}")
+    loop.current.eval()
+    loop.state.pretrained = True
+    _remove_fit_checkpoints(fit_dir)
 
 
 # ============================================================================ one step
@@ -258,20 +304,22 @@ def _try(loop: _Loop, step: int, attempt: str, lin: nn.Module,
     run, config = loop.run, loop.config
     loop.say(f"step {step}: {proposal.label or ', '.join(proposal.sites)}")
     candidate, applied = apply_edits(lin, proposal.edits, run.example_inputs)
+    if candidate is lin:  # no edit built a new model: fine-tune a copy, so that a rejected step leaves `lin` as it was
+        candidate = copy.deepcopy(lin)
     candidate = candidate.to(run.device)
     checkpoints = loop.outputs.checkpoints
-    fit_dir = checkpoints / f"fit_{step:03d}{attempt}" if checkpoints is not None else None
+    fit_dir = checkpoints / f"fit_{step:03d}{attempt}" if checkpoints is not None and proposal.finetune else None
     result = fit(candidate, run.train_data, config.finetune, collate_fn=run.collate_fn, device=run.device,
                  seed=derive_seed(config.seed, step), teacher=loop.original if config.distill else None,
                  distill=config.distill, checkpoint_dir=fit_dir, resume=fit_dir is not None, progress=run.progress,
-                 description=f"step {step} fine-tune", hooks=_hooks(loop.method))
+                 description=f"step {step} fine-tune", hooks=_hooks(loop.method)) if proposal.finetune else None
     candidate.eval()
     metrics = loop.evaluate(candidate, run.val_data)
     deployed = merge(candidate, run.example_inputs, policy=config.policy)
     structure = _structure(deployed, run.example_inputs)
     removed, linearized = _channels(applied, loop.channels)
     speed = _speedup(loop.original, deployed, run, config.latency_repeats)
-    finite = result.stopped_reason is None
+    finite = result is None or result.stopped_reason is None
     evidence = proposal.evidence
     record = StepRecord(
         step=step, sites=proposal.sites, removed_channels=removed, linearized_channels=linearized,
@@ -279,7 +327,7 @@ def _try(loop: _Loop, step: int, attempt: str, lin: nn.Module,
         val_loss=float(metrics["loss"]), within_budget=finite and metrics["accuracy"] >= loop.floor - 1e-12,
         accepted=False, activations=structure["activations"], params=structure["params"], macs=structure["macs"],
         depth=structure["depth"], speedup=speed["ratio"], speedup_q1=speed["ratio_q1"], speedup_q3=speed["ratio_q3"],
-        finetune_epochs=float(result.epochs), seconds=time.perf_counter() - began,
+        finetune_epochs=float(result.epochs) if result is not None else 0.0, seconds=time.perf_counter() - began,
         note="" if finite else NON_FINITE, whole_branches=list(evidence.get("whole_branches", [])),
         evidence=evidence,
     )
@@ -322,7 +370,7 @@ def _classes(model: nn.Module, example: ExampleInputs) -> int:
 def _structure(model: nn.Module, example: ExampleInputs) -> dict[str, int]:
     one = rebatch(example, 1)
     return {"params": count_params(model), "macs": count_macs(model, one), "depth": depth(model, one),
-            "activations": len(trace(model, one).sites), "weight_sparsity": weight_sparsity(model)}
+            "activations": activations(model, one), "weight_sparsity": weight_sparsity(model)}
 
 
 def _speedup(original: nn.Module, deployed: nn.Module, run: RunContext, repeats: int) -> dict[str, Any]:
@@ -443,7 +491,7 @@ def _report(loop: _Loop, deployed: nn.Module, edits: list[Edit]) -> tuple:
         "sites_collapsed": [s for e in edits for s in e.sites],
         "edits": edits_to_json(edits),
         "finetune_epochs_total": sum(s.finetune_epochs for s in steps)
-        + (config.final_finetune_epochs if state.best_step > 0 else 0.0),
+        + (config.final_finetune_epochs if state.best_step > 0 else 0.0) + _pretrain_epochs(loop),
         "merge": [asdict(r) for r in deployed.tlc_report.records],
         "network": network_map(loop.original, deployed, run.example_inputs, [s for e in edits for s in e.sites]),
         "wall_time_s": time.perf_counter() - loop.start,

@@ -34,6 +34,7 @@ class RunState:
     fingerprint: str = ""
     set_aside: list[str] = field(default_factory=list)  # sites of rejected steps, not tried again
     elapsed_s: float = 0.0  # wall time of the run up to this checkpoint, across resumes
+    pretrained: bool = False  # the method's training before the first step is done (its weights: step 0)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> RunState:

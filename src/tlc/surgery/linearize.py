@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from tlc._inputs import ExampleInputs
-from tlc.errors import MergeError, TraceError
+from tlc.errors import MergeError
 from tlc.graph import Graph, Site, resolve_sites, trace
 from tlc.ops import Kind
 from tlc.sites import SiteActivation, SiteGate
@@ -38,15 +38,21 @@ def linearize(
     ``masks[site_name]`` is given (0 = channel removed). ``model`` is not modified.
 
     ``policy`` is the merge policy the padding moves are planned for (``merge`` uses it by default).
-    For models torch.fx traces, the result is an ``fx.GraphModule``; otherwise the model's own class
-    with the activation modules replaced.
+    For models torch.fx traces, and for graph modules, the result is an ``fx.GraphModule``; otherwise the
+    model's own class with the activation modules replaced.
+
+    Any addressable site may be named, candidates or not: a gated site (``Site.gated``, a GLU-style MLP's
+    gate) is linearized as asked, the product it feeds stays a product and the merge keeps it. A site tlc
+    cannot address (``Site.addressable`` False, see :mod:`tlc.graph`) raises :class:`TraceError` with why.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
     graph = trace(model, example_inputs)
     chosen = resolve_sites(graph, sites)
     checked = _check_masks(chosen, masks or {})
-    if graph.backend == "fx":
+    if graph.backend == "fx" or isinstance(model, fx.GraphModule):
+        # a graph module (a deploy form, even of a torch.export graph) is edited node by node: replacing
+        # activation modules would miss its sites, which call functions, not modules
         form: nn.Module = _gate_graph(graph, chosen, checked)
     else:
         form = _gate_modules(model, chosen, checked)
@@ -131,7 +137,7 @@ def _gate_graph(graph: Graph, chosen: list[Site], masks: dict[str, torch.Tensor]
     gm = copy.deepcopy(graph.gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     chosen_names = {s.name for s in chosen}
-    for site in graph.sites:
+    for site in graph.all_sites:
         node = by_name[site.node]
         if site.name in chosen_names:
             module = SiteGate(site.name, masks.get(site.name), site.channel_dim, len(site.shape))
@@ -154,17 +160,8 @@ def _gate_graph(graph: Graph, chosen: list[Site], masks: dict[str, torch.Tensor]
 
 
 def _gate_modules(model: nn.Module, chosen: list[Site], masks: dict[str, torch.Tensor]) -> nn.Module:
-    for site in chosen:
-        if site.module is None:
-            where = site.name.rpartition(".")[0] or type(model).__name__
-            raise TraceError(
-                f"site {site.name} (in the forward of {where}) is a functional activation, or a module created "
-                "inside forward, in a model torch.fx cannot trace; tlc can only linearize activation modules "
-                "that are attributes of the model there")
-        if "#" in site.name:
-            raise TraceError(
-                f"site {site.name}: module '{site.module}' is called several times in a model torch.fx cannot "
-                "trace; give each call its own activation module")
+    """The model's own class with the chosen activation modules replaced by gates (chosen sites are
+    addressable: :meth:`tlc.graph.Graph.site` refused the others with their reason)."""
     form = copy.deepcopy(model)
     for site in chosen:
         form.set_submodule(site.module, SiteGate(site.name, masks.get(site.name), site.channel_dim, len(site.shape)))

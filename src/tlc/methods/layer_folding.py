@@ -1,0 +1,97 @@
+"""Layer Folding (Ben Dror, Zehngut, Raviv, Artyomov, Vitek; BMVC 2022, arXiv 2106.09309; docs/methods.md):
+every activation site becomes ``a * x + (1 - a) * act(x)`` with one learnable ``a`` in [0, 1], and training
+adds ``lambda_reg * sum |1 - a^2|`` to the loss, which pulls each ``a`` to 0 (the activation) or 1 (the
+identity). Sites whose ``a`` reaches ``threshold`` are folded: they become the identity and the merge turns
+the layers on both sides into one. Works for ReLU, ReLU6, GELU, SiLU, Hardswish, ... sites, behind a batch
+norm or not (for a ReLU the mix is exactly a PReLU of slope ``a``, the official code's form).
+
+The published code folds convolutions ignoring their borders; here the linearization moves the padding so
+that the fold is exact (the fine-tuning after the fold sees the exact function). The step protocol is
+LayerCollapse's (:func:`tlc.methods.layer_collapse.learnable_step`); the ``paper`` preset trains one round
+with the regularizer, folds once and fine-tunes without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tlc.edits import Edit
+from tlc.graph import Graph, trace
+from tlc.methods.base import Method, Proposal, register_method
+from tlc.methods.layer_collapse import check_learnable_settings, learnable_step, merge_savings
+from tlc.run.config import RunContext
+from tlc.surgery.learnable import MakeLearnable, MixActivation, learnable_modules, regularizer
+from tlc.train import FitConfig
+
+
+@dataclass
+class LayerFoldingConfig:
+    """Layer Folding's own settings (the shared ones: :class:`tlc.run.config.RunConfig`)."""
+
+    lambda_reg: float = 0.25  # strength of the regularizer lambda * sum |1 - a^2|
+    threshold: float = 0.9  # a site folds once a >= threshold
+    init: float = 0.1  # where a starts (at 0, the paper's, the regularizer's gradient is 0: only the task moves a)
+    paying_only: bool = True  # only sites whose fold saves MACs once merged
+    rounds: int | None = None  # a fixed schedule: rounds of regularized training, then one fold
+    patience: int = 2  # without a schedule: stop after this many rounds in a row with nothing to fold
+
+    def __post_init__(self) -> None:
+        check_learnable_settings(self.threshold, self.rounds, self.patience, lambda_reg=self.lambda_reg)
+        if not 0 <= self.init <= 1:
+            raise ValueError(f"init must be in [0, 1], not {self.init}")
+
+
+# The published protocol (the official CIFAR scripts): every site, a from 0, lambda = 0.25; one round of
+# training with the regularizer (SGD lr 1e-3, momentum 0.9, weight decay 5e-4, batch 128, 100 epochs, lr / 10
+# at epoch 50), then the sites with a >= 0.9 folded and the network fine-tuned without the regularizer (the
+# same recipe); every step kept whatever its accuracy (the result: the best within the budget).
+PAPER_TRAINING = FitConfig(epochs=100.0, batch_size=128, lr=1e-3, momentum=0.9, weight_decay=5e-4, schedule="step",
+                           milestones=(0.5,), gamma=0.1)
+PAPER: dict[str, Any] = dict(init=0.0, paying_only=False, rounds=1, finetune=PAPER_TRAINING, retry_single=False,
+                             continue_past_budget=True)
+
+
+@register_method
+class LayerFolding(Method):
+    """Layer Folding on the method protocol: every site mixed with the identity, folded once linear."""
+
+    name = "layer_folding"
+    Config = LayerFoldingConfig
+    presets = {"default": {}, "paper": PAPER}
+
+    def prepare(self, model: nn.Module, run: RunContext) -> list[Edit]:
+        """Every site (``paying_only``: whose fold saves MACs) becomes a mix with ``a = init``."""
+        graph = trace(model, run.example_inputs)
+        names = [s.name for s in graph.sites]
+        if self.config.paying_only:
+            savings = merge_savings(model, graph, names, run)
+            names = [n for n in names if savings[n] > 0]
+        if not names:
+            run.log("layer_folding: no activation site" + (" whose fold saves MACs" if self.config.paying_only
+                                                            else ""))
+            return []
+        run.log(f"layer_folding: {len(names)} site(s) mixed with the identity (a = {self.config.init:g})")
+        return [MakeLearnable(tuple(names), "mix", self.config.init)]
+
+    def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
+        config = self.config
+        return learnable_step(model, exclude, config.threshold, config.rounds, config.patience, run.config.policy,
+                              "fold")
+
+    def loss(self, model: nn.Module, inputs: Any, labels: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
+        """``lambda_reg * sum |1 - a^2|`` over the model's mix sites still regularized."""
+        return regularizer(model, self.config.lambda_reg, MixActivation)
+
+    def after_step(self, model: nn.Module) -> None:
+        """Every ``a`` back into [0, 1] after each optimizer step."""
+        for module in learnable_modules(model).values():
+            if isinstance(module, MixActivation):
+                module.clamp_()
+
+
+__all__ = ["PAPER", "PAPER_TRAINING", "LayerFolding", "LayerFoldingConfig"]
