@@ -33,7 +33,7 @@ from tlc.errors import SpecError, TraceError
 from tlc.graph import Graph, Site, resolve_sites, trace
 from tlc.ops import Kind, OpInfo, register_module
 from tlc.sites import SiteActivation
-from tlc.surgery.linearize import _unique_submodule_name, _wrap
+from tlc.surgery.linearize import _wrap, replace_site_nodes
 
 FORMS = ("prelu", "mix")
 
@@ -187,38 +187,24 @@ def _learnable(form: str, site: Site, base: SiteActivation, init: float, inplace
 
 def _install_graph(graph: Graph, chosen: list[Site], form: str, init: float) -> fx.GraphModule:
     """The fx form: the chosen site nodes call learnable modules, every other site is wrapped."""
-    gm = copy.deepcopy(graph.gm)
-    by_name = {n.name: n for n in gm.graph.nodes}
     info = {n.name: graph.info[n] for n in graph.gm.graph.nodes}
     chosen_names = {s.name for s in chosen}
-    for site in graph.all_sites:  # the gated ones too, so that every name stays stable
-        node = by_name[site.node]
+
+    def module_for(gm: fx.GraphModule, node: fx.Node, site: Site) -> tuple[nn.Module | None, str]:
         existing = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(existing, LearnableActivation):
             if site.name in chosen_names:
                 raise SpecError(f"site {site.name} is already a learnable activation")
-            continue
-        if site.name in chosen_names:
-            base = existing if isinstance(existing, SiteActivation) else _wrap(gm, node, site)
-            if base is None:
-                raise TraceError(f"site {site.name}: its activation takes computed arguments and cannot be made "
-                                 "learnable")
-            module: nn.Module | None = _learnable(form, site, base, init, info[site.node].inplace)
-            prefix = "tlc_learn"
-        else:
-            module, prefix = _wrap(gm, node, site), "tlc_acts"
-            if module is None:
-                continue
-        name = _unique_submodule_name(gm, prefix, site.name)
-        gm.add_submodule(name, module)
-        with gm.graph.inserting_after(node):
-            replacement = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+            return None, ""
+        if site.name not in chosen_names:
+            return _wrap(gm, node, site), "tlc_acts"
+        base = existing if isinstance(existing, SiteActivation) else _wrap(gm, node, site)
+        if base is None:
+            raise TraceError(f"site {site.name}: its activation takes computed arguments and cannot be made "
+                             "learnable")
+        return _learnable(form, site, base, init, info[site.node].inplace), "tlc_learn"
+
+    return replace_site_nodes(graph, module_for)  # the gated sites too, so that every name stays stable
 
 
 def _install_modules(model: nn.Module, chosen: list[Site], form: str, init: float) -> nn.Module:

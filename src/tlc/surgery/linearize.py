@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -132,21 +132,19 @@ class _Bound:
         return self.function(x, *self.args, **kwargs)
 
 
-def _gate_graph(graph: Graph, chosen: list[Site], masks: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Replace the chosen site nodes by gates, and wrap every other site so that its name stays stable."""
+SiteModule = Callable[[fx.GraphModule, fx.Node, Site], tuple[nn.Module | None, str]]
+
+
+def replace_site_nodes(graph: Graph, module_for: SiteModule) -> fx.GraphModule:
+    """A copy of ``graph.gm`` where each site node calls the module ``module_for(gm, node, site)`` gives, added
+    under its prefix (None: the node stays as it is); every site is visited, so that names stay stable."""
     gm = copy.deepcopy(graph.gm)
     by_name = {n.name: n for n in gm.graph.nodes}
-    chosen_names = {s.name for s in chosen}
     for site in graph.all_sites:
         node = by_name[site.node]
-        if site.name in chosen_names:
-            module = SiteGate(site.name, masks.get(site.name), site.channel_dim, len(site.shape))
-            prefix = "tlc_sites"
-        else:
-            module = _wrap(gm, node, site)
-            prefix = "tlc_acts"
-            if module is None:
-                continue
+        module, prefix = module_for(gm, node, site)
+        if module is None:
+            continue
         name = _unique_submodule_name(gm, prefix, site.name)
         gm.add_submodule(name, module)
         with gm.graph.inserting_after(node):
@@ -157,6 +155,18 @@ def _gate_graph(graph: Graph, chosen: list[Site], masks: dict[str, torch.Tensor]
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _gate_graph(graph: Graph, chosen: list[Site], masks: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """Replace the chosen site nodes by gates, and wrap every other site so that its name stays stable."""
+    chosen_names = {s.name for s in chosen}
+
+    def module_for(gm: fx.GraphModule, node: fx.Node, site: Site) -> tuple[nn.Module | None, str]:
+        if site.name in chosen_names:
+            return SiteGate(site.name, masks.get(site.name), site.channel_dim, len(site.shape)), "tlc_sites"
+        return _wrap(gm, node, site), "tlc_acts"
+
+    return replace_site_nodes(graph, module_for)
 
 
 def _gate_modules(model: nn.Module, chosen: list[Site], masks: dict[str, torch.Tensor]) -> nn.Module:
