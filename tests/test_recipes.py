@@ -38,7 +38,8 @@ def test_the_command_line_fine_tunes_a_transformer_with_its_family_s_recipe(caps
     cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=32)
     bert = transformers.BertForSequenceClassification(cfg)
-    args = argparse.Namespace(preset="default", lr=None, batch_size=None, finetune_epochs=None)
+    args = argparse.Namespace(preset="default", lr=None, batch_size=None, finetune_epochs=None, optimizer=None,
+                              weight_decay=None)
     run = _family_recipe(bert, RunConfig(), args)
     assert (run.finetune.optimizer, run.finetune.lr, run.finetune.batch_size) == ("adamw", 2e-5, 32)
     assert "fine-tuning recipe (transformer): AdamW lr 2e-05" in capsys.readouterr().out
@@ -46,5 +47,7 @@ def test_the_command_line_fine_tunes_a_transformer_with_its_family_s_recipe(caps
     assert paper.finetune.epochs == 3.0  # the paper's BERT recipe, not 160 epochs of SGD
     own = _family_recipe(bert, RunConfig(), argparse.Namespace(**{**vars(args), "lr": 0.001}))
     assert own.finetune == RunConfig().finetune  # a learning rate on the command line: the user's recipe
+    chosen = _family_recipe(bert, RunConfig(), argparse.Namespace(**{**vars(args), "optimizer": "sgd"}))
+    assert chosen.finetune == RunConfig().finetune
     cnn = _family_recipe(nn.Sequential(nn.Conv2d(1, 2, 3)), RunConfig(), args)
     assert cnn.finetune == RunConfig().finetune

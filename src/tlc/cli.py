@@ -35,6 +35,9 @@ def _add_compress_options(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--final-finetune-epochs", type=float, help="fine-tuning epochs for the chosen model")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate")
     p.add_argument("--batch-size", type=int, help="fine-tuning batch size")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"],
+                   help="fine-tuning optimizer (default: the model family's recipe, printed at the start)")
+    p.add_argument("--weight-decay", type=float, help="fine-tuning weight decay")
     p.add_argument("--distill", action="store_true", help="fine-tune with knowledge distillation from the original")
     p.add_argument("--policy", choices=["macs", "always", "never"], help="merge policy (default macs)")
     p.add_argument("--calibration-size", type=int, help="samples used to rank sites")
@@ -216,7 +219,8 @@ def _config(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     cls = method_class(args.method)
     run, _ = build_configs(cls, args.preset)
     finetune = run.finetune
-    for flag, name in (("finetune_epochs", "epochs"), ("lr", "lr"), ("batch_size", "batch_size")):
+    for flag, name in (("finetune_epochs", "epochs"), ("lr", "lr"), ("batch_size", "batch_size"),
+                       ("optimizer", "optimizer"), ("weight_decay", "weight_decay")):
         if getattr(args, flag) is not None:
             finetune = dataclasses.replace(finetune, **{name: getattr(args, flag)})
     overrides: dict[str, Any] = dict(finetune=finetune, max_acc_drop=args.max_acc_drop, seed=args.seed,
@@ -272,14 +276,16 @@ def _check_shapes(model: Any, data: Any) -> None:
 
 def _family_recipe(model: Any, run: Any, args: argparse.Namespace) -> Any:
     """The run with the fine-tuning recipe of the model's family (a transformer: AdamW at 2e-5, not the CNN
-    recipe's SGD at 0.01) unless the command line names its own learning rate or batch; printed."""
+    recipe's SGD at 0.01) unless the command line names its own optimizer, learning rate, batch or weight
+    decay; printed."""
     import dataclasses
 
     from tlc.train.recipes import describe, model_family, recipe
 
     family = model_family(model)
     fitting = recipe(family, "paper" if args.preset == "paper" else "finetune")
-    if family != "cnn" and fitting is not None and args.lr is None and args.batch_size is None:
+    own = any(getattr(args, flag, None) is not None for flag in ("lr", "batch_size", "optimizer", "weight_decay"))
+    if family != "cnn" and fitting is not None and not own:
         epochs = args.finetune_epochs if args.finetune_epochs is not None else fitting.epochs
         run = dataclasses.replace(run, finetune=dataclasses.replace(fitting, epochs=epochs))
     print(f"fine-tuning recipe ({family}): {describe(run.finetune)}")
