@@ -425,19 +425,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _read_report(folder: Path) -> tuple[dict[str, Any], Path]:
     """A run's report.json, or one error line naming it."""
-    import json
-
     from tlc.errors import SpecError
+    from tlc.train.checkpoint import read_json
 
     path = folder / "report.json"
     if not path.is_file():
         raise SpecError(f"no report.json in {folder}: not the output of tlc compress")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{path} is not a text file ({exc.reason})") from exc
+    report = read_json(path)
     if not isinstance(report, dict) or not isinstance(report.get("original"), dict):
         raise SpecError(f"{path} is not a tlc report (no 'original' measurements)")
     return report, path

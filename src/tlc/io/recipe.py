@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from tlc.edits import Edit, apply_edits, edits_from_json, edits_from_record, edi
 from tlc.errors import SpecError, TLCError
 from tlc.surgery.merge import merge
 from tlc.surgery.plan import POLICIES
-from tlc.train.checkpoint import atomic_write_json
+from tlc.train.checkpoint import atomic_write_json, read_json
 
 FORMAT = "tlc-recipe"
 VERSION = 2  # 2: a list of edits; 1: one linearization record (still loaded)
@@ -281,12 +280,7 @@ def read_recipe(directory: str | Path) -> dict[str, Any]:
     _inside(folder, RECIPE, "recipe")
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise SpecError(f"{path} is {path.stat().st_size:,} bytes, more than a recipe holds ({MAX_RECIPE_BYTES:,})")
-    try:
-        recipe = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{path} is not a text file ({exc.reason})") from exc
+    recipe = read_json(path)
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise SpecError(f"{path} is not a tlc recipe")
     version = recipe.get("version", 1)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tlc.errors import TLCError
+from tlc.errors import SpecError, TLCError
 
 _TENSORS, _OPTIMIZER, _META = ".safetensors", ".optim.pt", ".json"
 
@@ -29,6 +29,17 @@ _TENSORS, _OPTIMIZER, _META = ".safetensors", ".optim.pt", ".json"
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` so that a crash leaves either the old file or the new one."""
     _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value of a file, or a SpecError naming it when it is not JSON text."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path} is not a text file ({exc.reason})") from exc
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
