@@ -61,3 +61,23 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     """Bit-identical state dicts, names included."""
     sa, sb = a.state_dict(), b.state_dict()
     return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def digit_subsets(train: int, val: int, image_size: int = 8):
+    """(bundle, first ``train`` training samples, first ``val`` validation samples) of sklearn's digits."""
+    from torch.utils.data import Subset
+
+    from tlc.zoo.data import load_data
+
+    data = load_data("digits", seed=0, image_size=image_size)
+    return data, Subset(data.train, range(train)), Subset(data.val, range(val))
+
+
+def trained_briefly(model: nn.Module, train, epochs: float = 4) -> nn.Module:
+    """``model`` after a few epochs of AdamW on ``train`` (fit's own seed), in eval mode: a toy base to compress."""
+    import tlc
+    from tlc.train import FitConfig
+
+    tlc.train.fit(model, train, FitConfig(epochs=epochs, lr=1e-2, optimizer="adamw", batch_size=16, weight_decay=0.0),
+                  progress=False)
+    return model.eval()

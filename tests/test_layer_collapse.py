@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 import tlc
 from tlc.graph import trace
@@ -15,9 +15,8 @@ from tlc.methods.layer_collapse import LayerCollapse, LayerCollapseConfig, betwe
 from tlc.run.config import RunContext
 from tlc.surgery.learnable import LearnRound, MakeLearnable, PReLUActivation, learnable_modules
 from tlc.train import FitConfig
-from tlc.zoo.data import load_data
 
-from .helpers import rel_err, same_weights, second_fine_tuning_interrupted
+from .helpers import digit_subsets, rel_err, same_weights, second_fine_tuning_interrupted, trained_briefly
 
 
 class HeadCNN(nn.Module):
@@ -108,18 +107,13 @@ FAST = dict(finetune=FitConfig(epochs=1.0, lr=0.05, batch_size=32, weight_decay=
 
 @pytest.fixture(scope="module")
 def digits():
-    data = load_data("digits", seed=0, image_size=8)
-    return data, Subset(data.train, range(160)), Subset(data.val, range(64))
+    return digit_subsets(160, 64)
 
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    _, train, _ = digits
     torch.manual_seed(0)
-    model = HeadCNN()
-    tlc.train.fit(model, train, FitConfig(epochs=4, lr=1e-2, optimizer="adamw", batch_size=16, weight_decay=0.0),
-                  progress=False)
-    return model.eval()
+    return trained_briefly(HeadCNN(), digits[1])
 
 
 def _compress(trained, digits, out, preset="default", resume=False, **overrides):
