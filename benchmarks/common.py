@@ -24,8 +24,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tlc  # noqa: E402
-from tlc.methods.base import build_configs  # noqa: E402
-from tlc.methods.tlc import TLC, TLCConfig  # noqa: E402
+from tlc.methods.base import build_configs, method_class  # noqa: E402
 from tlc.run.config import RunConfig  # noqa: E402
 from tlc.run.loop import CompressionResult, compress  # noqa: E402
 from tlc.train import FitConfig, evaluate, fit  # noqa: E402
@@ -104,10 +103,11 @@ def train_base(model: nn.Module, data: Any, recipe: FitConfig, directory: Path, 
 
 @dataclasses.dataclass
 class Setup:
-    """The settings of one TLC benchmark run: shared (RunConfig) and TLC's own."""
+    """The settings of one benchmark run: shared (RunConfig) and the method's own (``method_name``)."""
 
     run: RunConfig
-    method: TLCConfig
+    method: Any
+    method_name: str = "tlc"
 
     @property
     def finetune(self) -> FitConfig:
@@ -122,9 +122,9 @@ class Setup:
         return self.run.distill
 
 
-def tlc_setup(preset: str, **settings: Any) -> Setup:
-    """TLC's ``preset`` with ``settings`` (shared or TLC's own) replaced."""
-    return Setup(*build_configs(TLC, preset, settings))
+def tlc_setup(preset: str, method: str = "tlc", **settings: Any) -> Setup:
+    """``method``'s ``preset`` with ``settings`` (shared or the method's own) replaced."""
+    return Setup(*build_configs(method_class(method), preset, settings), method_name=method)
 
 
 def run(model: nn.Module, data: Any, config: Setup, directory: Path, *, spec: Any, device: str = "cpu",
@@ -132,7 +132,8 @@ def run(model: nn.Module, data: Any, config: Setup, directory: Path, *, spec: An
         ) -> CompressionResult:
     """One compression run, resumed when ``directory`` already holds a partial one."""
     resume = (directory / "checkpoints").is_dir()
-    return compress(model, data.train, data.val, config=config.run, method_config=config.method, test_data=data.test,
+    return compress(model, data.train, data.val, config=config.run, method=config.method_name,
+                    method_config=config.method, test_data=data.test,
                     collate_fn=data.collate_fn, example_inputs=data.example_inputs(2), out_dir=directory,
                     resume=resume, device=device, model_spec=spec.to_json(), data_spec=data.name,
                     latency_batch_sizes=batch_sizes, latency_backends=backends)

@@ -47,18 +47,23 @@ MODELS = {
 
 
 def configs(args: argparse.Namespace) -> dict[str, Setup]:
-    default = tlc_setup(
-        "default",
-        max_acc_drop=args.max_acc_drop, seed=args.seed, calibration_size=1024,
-        distill=DistillConfig() if args.distill else None, branch_removal=args.branch_removal,
-        finetune=FitConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine", batch_size=128),
-    )
+    """The presets to run: TLC's with the benchmark's fine-tuning recipes, or another method's presets
+    with the same fine-tuning recipes (the paper preset's retraining shortened to --paper-finetune-epochs)."""
     paper_epochs = args.paper_finetune_epochs or 5 * args.finetune_epochs
-    paper = tlc_setup(
-        "paper", max_acc_drop=args.max_acc_drop, seed=args.seed, budget_patience=2, max_steps=args.paper_max_steps,
-        finetune=FitConfig(epochs=paper_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                           schedule="step", milestones=(0.5, 0.75), gamma=0.1, batch_size=128),
-    )
+    default_finetune = FitConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine", batch_size=128)
+    paper_finetune = FitConfig(epochs=paper_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                               schedule="step", milestones=(0.5, 0.75), gamma=0.1, batch_size=128)
+    shared = dict(method=args.method, max_acc_drop=args.max_acc_drop, seed=args.seed)
+    if args.method == "tlc":
+        default = tlc_setup("default", **shared, calibration_size=1024, branch_removal=args.branch_removal,
+                            distill=DistillConfig() if args.distill else None, finetune=default_finetune)
+        paper = tlc_setup("paper", **shared, budget_patience=2, max_steps=args.paper_max_steps, finetune=paper_finetune)
+    else:
+        default = tlc_setup("default", **shared, calibration_size=1024,
+                            distill=DistillConfig() if args.distill else None, finetune=default_finetune)
+        paper = tlc_setup("paper", **shared, max_steps=args.paper_max_steps, finetune=paper_finetune)
+        if getattr(paper.method, "train_first", None):  # the paper's training before the first step, shortened too
+            paper.method.train_first = paper_epochs
     chosen = {"default": default, "paper": paper}
     return chosen if args.preset == "both" else {args.preset: chosen[args.preset]}
 
@@ -68,6 +73,8 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), required=True)
     add_run_arguments(parser, preset="both", epochs=15.0, results_name="fashion-mnist-<model>[-w<width>]<base-tag>")
     parser.add_argument("--width", type=float, help="width (resnet18/vgg16_bn) or width_mult (mobilenet_v2)")
+    parser.add_argument("--method", default="tlc", help="a registered method (tlc, lacoot, ...); other than tlc, "
+                        "its runs and results are named with -<method> before --tag")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--finetune-lr", type=float, default=0.01, help="default preset's fine-tuning lr (cosine)")
     parser.add_argument("--paper-finetune-epochs", type=float, help="paper preset's fine-tuning epochs per step "
@@ -81,6 +88,8 @@ def main() -> None:
     parser.add_argument("--base-tag", default="", help="names a base model trained otherwise (e.g. -e15 for "
                         "--epochs 15): its own runs/bench/ folder and results file")
     args = parser.parse_args()
+    if args.method != "tlc":
+        args.tag = f"-{args.method}{args.tag}"
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     spec_name, kwargs = MODELS[args.model]

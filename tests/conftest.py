@@ -16,3 +16,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """160 training and 64 validation samples of sklearn's digits at 8x8 (tests may define their own)."""
+    from .helpers import digit_subsets
+
+    return digit_subsets(160, 64)

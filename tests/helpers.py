@@ -81,3 +81,14 @@ def trained_briefly(model: nn.Module, train, epochs: float = 4) -> nn.Module:
     tlc.train.fit(model, train, FitConfig(epochs=epochs, lr=1e-2, optimizer="adamw", batch_size=16, weight_decay=0.0),
                   progress=False)
     return model.eval()
+
+
+def compress_on_digits(method: str, settings: dict, trained: nn.Module, digits, out, preset: str = "default",
+                       resume: bool = False, **overrides):
+    """``tlc.compress`` of ``trained`` with ``method`` on a digits bundle (see :func:`digit_subsets`): the
+    method tests' end-to-end run, ``settings`` (their fast ones) replaced by ``overrides``."""
+    import tlc
+
+    data, train, val = digits
+    return tlc.compress(trained, train, val, method=method, preset=preset, **{**settings, **overrides},
+                        example_inputs=data.example_inputs(2), out_dir=out, resume=resume, progress=False, log=None)

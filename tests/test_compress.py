@@ -79,8 +79,18 @@ def test_compress_records_steps_and_returns_an_exact_shallower_model(trained, di
     assert "val accuracy" in str(result)
 
 
-def test_budget_rejects_a_step_and_keeps_the_previous_model(trained, digits):
+def test_budget_rejects_a_step_and_keeps_the_previous_model(trained, digits, monkeypatch):
+    import tlc.run.loop as engine
+
     model, _ = trained
+    real_step = engine._try
+
+    def second_over_budget(*args, **kwargs):  # at the latest the second step misses the (zero) budget
+        record, candidate, edits = real_step(*args, **kwargs)
+        record.within_budget = record.within_budget and record.step < 2
+        return record, candidate, edits
+
+    monkeypatch.setattr(engine, "_try", second_over_budget)
     result = _run(model, digits, max_acc_drop=0.0, max_steps=3, retry_single=False, rejection_patience=1,
                   finetune=FitConfig(epochs=0.05, lr=0.5, batch_size=32))
     rejected = [s for s in result.steps if not s.accepted]

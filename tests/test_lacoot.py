@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from functools import partial
 
 import ot
 import pytest
@@ -27,7 +28,7 @@ from tlc.run.config import RunContext
 from tlc.train import FitConfig, FitHooks, fit
 from tlc.zoo.data import load_data
 
-from .helpers import rel_err, same_weights, second_fine_tuning_interrupted
+from .helpers import compress_on_digits, rel_err, same_weights, second_fine_tuning_interrupted
 
 # ============================================================================ the distance
 
@@ -354,6 +355,7 @@ def test_presets_and_config():
 
 FAST = dict(finetune=FitConfig(epochs=0.5, lr=0.01, batch_size=32), calibration_size=64, calibration_batch_size=32,
             max_steps=2, latency_repeats=3, max_acc_drop=100.0)
+_compress = partial(compress_on_digits, "lacoot", FAST)
 
 
 @pytest.fixture(scope="module")
@@ -372,10 +374,6 @@ def trained():
     return model.eval()
 
 
-def _compress(trained, digits, out, resume=False, **overrides):
-    data, train, val = digits
-    return tlc.compress(trained, train, val, method="lacoot", **{**FAST, **overrides},
-                        example_inputs=data.example_inputs(2), out_dir=out, resume=resume, progress=False, log=None)
 
 
 def test_compress_with_lacoot_removes_blocks_exactly_and_resumes_identically(trained, digits, tmp_path, monkeypatch):
@@ -396,6 +394,9 @@ def test_compress_with_lacoot_removes_blocks_exactly_and_resumes_identically(tra
         assert rel_err(full.training_model.eval()(x), full.model(x)) < 1e-4
         assert torch.equal(tlc.load(tmp_path / "full", model=ToyNet(width=4))(x), full.model(x))
     assert (tmp_path / "full" / "report.json").is_file() and full.report["method"] == "lacoot"
+    gone = [e for e in full.report["network"] if any(e["name"].startswith(p + ".") for p in removed)]
+    assert gone and all(e["status"] == "removed" and e.get("into", None) is None for e in gone)
+    assert all(e.get("status") != "removed" for e in full.report["network"] if e not in gone)
     with second_fine_tuning_interrupted(monkeypatch):
         _compress(trained, digits, tmp_path / "cut")
     resumed = _compress(trained, digits, tmp_path / "cut", resume=True)

@@ -3,6 +3,8 @@ and the method end to end through the loop (exact merge, shallower, save/load, r
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -16,7 +18,13 @@ from tlc.run.config import RunContext
 from tlc.surgery.learnable import LearnRound, MakeLearnable, PReLUActivation, learnable_modules
 from tlc.train import FitConfig
 
-from .helpers import digit_subsets, rel_err, same_weights, second_fine_tuning_interrupted, trained_briefly
+from .helpers import (
+    compress_on_digits,
+    rel_err,
+    same_weights,
+    second_fine_tuning_interrupted,
+    trained_briefly,
+)
 
 
 class HeadCNN(nn.Module):
@@ -67,7 +75,7 @@ def test_paper_takes_the_deepest_half_and_default_only_what_pays_in_the_merge():
 
 def test_the_regularizer_and_the_steps_it_proposes():
     model = HeadCNN().eval()
-    run, own = _context(threshold=0.05)
+    run, own = _context(threshold=0.05, patience=2)
     method = LayerCollapse(own)
     (edit,) = method.prepare(model, run)
     learnable, _ = edit.apply(model, X)
@@ -87,6 +95,27 @@ def test_the_regularizer_and_the_steps_it_proposes():
         method.propose(LearnRound(3, 2).apply(learnable, X)[0], trace(learnable, X), run, ["classifier.4"])
 
 
+def test_the_slopes_train_at_their_own_rate_under_a_transformers_fine_tuning_rate():
+    """AdamW at 2e-5 moves a parameter by about 2e-5 a step: the slopes get ``param_lr`` (default 0.01) instead,
+    the rest of the network keeps its rate; the paper preset leaves them at the network's."""
+    model = HeadCNN().eval()
+    run, own = _context()
+    method = LayerCollapse(own)
+    (edit,) = method.prepare(model, run)
+    learnable, _ = edit.apply(model, X)
+    (site, alpha), = learnable_modules(learnable).items()
+    names = method.param_lr(learnable)
+    assert names == {n: 0.01 for n, p in learnable.named_parameters() if p is alpha.weight}
+    assert LayerCollapse(_context("paper")[1]).param_lr(learnable) == {}
+    data = TensorDataset(X.repeat(8, 1, 1, 1), torch.tensor([0, 1] * 8))
+    conv_before = learnable.conv.weight.detach().clone()
+    tlc.train.fit(learnable, data, FitConfig(epochs=2.0, lr=2e-5, optimizer="adamw", batch_size=4, warmup_steps=0,
+                                            schedule="constant", weight_decay=0.0),
+                  hooks=tlc.train.FitHooks(loss=method.loss, param_lr=method.param_lr), progress=False)
+    assert alpha.value > 0.01 + 8 * 0.005  # 8 steps at about 0.01 each towards 1
+    assert (learnable.conv.weight - conv_before).abs().max() < 8 * 2e-5 * 1.5
+
+
 def test_config_is_checked():
     for bad in (dict(fraction=0.0), dict(order="width"), dict(threshold=0.0), dict(rounds=0), dict(patience=0),
                 dict(lc=-1.0)):
@@ -103,11 +132,7 @@ def test_config_is_checked():
 FAST = dict(finetune=FitConfig(epochs=1.0, lr=0.05, batch_size=32, weight_decay=0.0), calibration_size=64,
             calibration_batch_size=32, max_steps=2, latency_repeats=3, max_acc_drop=100.0, init=0.9, lc=1.0,
             threshold=0.1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digit_subsets(160, 64)
+_compress = partial(compress_on_digits, "layer_collapse", FAST)
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +141,6 @@ def trained(digits):
     return trained_briefly(HeadCNN(), digits[1])
 
 
-def _compress(trained, digits, out, preset="default", resume=False, **overrides):
-    data, train, val = digits
-    return tlc.compress(trained, train, val, method="layer_collapse", preset=preset, **{**FAST, **overrides},
-                        example_inputs=data.example_inputs(2), out_dir=out, resume=resume, progress=False, log=None)
 
 
 def test_compress_collapses_the_trained_slope_into_an_exact_shallower_model(trained, digits, tmp_path):

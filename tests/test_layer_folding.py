@@ -4,6 +4,8 @@ through the loop (exact merge, shallower, save/load, resume)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -13,14 +15,14 @@ import tlc
 from tlc.edits import apply_edits
 from tlc.graph import trace
 from tlc.measure import depth
-from tlc.methods.base import build_configs, method_class
+from tlc.methods.base import NoCandidate, build_configs, method_class
 from tlc.methods.layer_folding import LayerFolding, LayerFoldingConfig
 from tlc.run.config import RunContext
 from tlc.surgery.learnable import LearnRound, MakeLearnable, MixActivation, learnable_modules
 from tlc.train import FitConfig
 
 from .helpers import (
-    digit_subsets,
+    compress_on_digits,
     randomize_bn,
     rel_err,
     same_weights,
@@ -61,6 +63,24 @@ def test_paper_mixes_every_site_and_default_only_those_whose_fold_pays():
     assert LayerFolding(own).prepare(model, run) == [MakeLearnable(("act1", "act2"), "mix", 0.0)]
     run, own = _context()
     assert LayerFolding(own).prepare(model, run) == [MakeLearnable(("act1",), "mix", 0.1)]
+
+
+def test_when_no_fold_pays_the_stop_reason_says_so():
+    class Pooled(nn.Module):  # the only site feeds a pool: folding it merges nothing
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(1, 4, 3), nn.ReLU()
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(self.act(self.conv(x))), 1))
+
+    model = Pooled().eval()
+    run, own = _context()
+    method = LayerFolding(own)
+    assert method.prepare(model, run) == []
+    with pytest.raises(NoCandidate, match=r"none of the 1 activation site\(s\) pays: .* saves no MACs"):
+        method.propose(model, trace(model, X), run, [])
 
 
 @pytest.mark.parametrize("act, bn", [(nn.ReLU, True), (nn.ReLU6, False), (nn.GELU, True), (nn.SiLU, False),
@@ -122,11 +142,7 @@ def test_config_is_checked():
 FAST = dict(finetune=FitConfig(epochs=1.0, lr=0.05, batch_size=32, weight_decay=0.0), calibration_size=64,
             calibration_batch_size=32, max_steps=2, latency_repeats=3, max_acc_drop=100.0, init=0.85,
             lambda_reg=1.0)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digit_subsets(160, 64)
+_compress = partial(compress_on_digits, "layer_folding", FAST)
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +151,6 @@ def trained(digits):
     return trained_briefly(SmallCNN(), digits[1])
 
 
-def _compress(trained, digits, out, preset="default", resume=False, **overrides):
-    data, train, val = digits
-    return tlc.compress(trained, train, val, method="layer_folding", preset=preset, **{**FAST, **overrides},
-                        example_inputs=data.example_inputs(2), out_dir=out, resume=resume, progress=False, log=None)
 
 
 def test_compress_folds_into_an_exact_shallower_model_that_loads_back(trained, digits, tmp_path):

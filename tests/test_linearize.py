@@ -90,8 +90,8 @@ def test_masks_gate_and_remove_channels():
 
 @pytest.mark.parametrize("mask", [[1, 0, 1, 0, 0, 1, 1, 0], [0] * 8], ids=["some-off", "all-off"])
 def test_the_savings_estimate_of_a_collapse_is_what_the_merge_removes(mask):
-    """The ranking's MACs saving must be the merge's: a site with every channel off keeps its layers (a
-    layer cannot have no channels), so its collapse saves nothing."""
+    """The ranking's MACs saving must be the merge's: some channels off are removed; with every channel off,
+    what follows is a constant and the layers in front of the site are dropped."""
     from tlc.graph import trace
     from tlc.measure import count_macs
     from tlc.methods.tlc import collapse_savings

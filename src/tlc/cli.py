@@ -39,7 +39,9 @@ def _add_compress_options(p: argparse.ArgumentParser, method: str) -> None:
                    help="fine-tuning optimizer (default: the model family's recipe, printed at the start)")
     p.add_argument("--weight-decay", type=float, help="fine-tuning weight decay")
     p.add_argument("--distill", action="store_true", help="fine-tune with knowledge distillation from the original")
-    p.add_argument("--policy", choices=["macs", "always", "never"], help="merge policy (default macs)")
+    p.add_argument("--policy", choices=["macs", "latency", "always", "never"],
+                   help="merge policy (default macs; latency: merge where a latency table measured on this machine, "
+                   "for the first --latency-batch-sizes and backend, says it pays)")
     p.add_argument("--calibration-size", type=int, help="samples used to rank sites")
     p.add_argument("--gap-tolerance", type=float, help="joint loss gap allowed in one step")
     p.add_argument("--rejection-patience", type=int, metavar="N",

@@ -245,6 +245,87 @@ class ReplaceByIdentity(Edit):
         return form, self
 
 
+MAX_TIED = 4096  # layers one tie names: far more than any network has of one shape
+
+
+@register_edit
+@dataclass(frozen=True)
+class TieWeights(Edit):
+    """Layers become one: each group of module paths (layers whose weights have one shape, biases too)
+    shares one weight ``Parameter`` and one bias ``Parameter`` from then on (Layer Fusion's edit).
+
+    Applied, each shared tensor holds the mean of what the layers held, every layer counting once. A
+    layer already tied to others (an earlier fusion, or a tie of the architecture) brings them along: a
+    tie grows, it never splits. The replay on load builds the same ties from a fresh model; the values
+    come from the saved weights. ``sites`` names each group ``a=b``, so that a rejected step sets the
+    pair aside."""
+
+    kind: ClassVar[str] = "tie_weights"
+    groups: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def from_fields(cls, groups: Sequence[Sequence[str]]) -> TieWeights:
+        """The edit from its fields, checked (they may come from a recipe.json written elsewhere)."""
+        _check("groups", groups, lambda g: _is_seq(g, lambda v: _is_names(v) and 2 <= len(v) <= MAX_TIED
+                                                    and all(v) and len(set(v)) == len(v)))
+        return cls(tuple(tuple(g) for g in groups))
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple("=".join(g) for g in self.groups)
+
+    def apply(self, model: nn.Module, example_inputs: ExampleInputs) -> tuple[nn.Module, TieWeights]:
+        import copy
+
+        form = copy.deepcopy(model)
+        for group in self.groups:
+            _tie(form, group)
+        if hasattr(model, "_tlc_record"):
+            form._tlc_record = copy.deepcopy(model._tlc_record)
+        return form, self
+
+
+def _tie(model: nn.Module, paths: Sequence[str]) -> None:
+    """Make the layers at ``paths`` (and every module already sharing their weight or bias) share one
+    weight and one bias: the mean of their values."""
+    layers = []
+    for path in paths:
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError as exc:
+            raise SpecError(f"cannot tie the weights of '{path}': the model has no such submodule") from exc
+        if not isinstance(getattr(layer, "weight", None), nn.Parameter):
+            raise SpecError(f"cannot tie the weights of '{path}': it has no weight parameter")
+        layers.append(layer)
+    for attr in ("weight", "bias"):
+        params = [getattr(layer, attr, None) for layer in layers]
+        if all(p is None for p in params):
+            continue
+        if not all(isinstance(p, nn.Parameter) and p.shape == params[0].shape and p.dtype == params[0].dtype
+                   for p in params):
+            found = ", ".join(f"{n}: {'none' if p is None else f'{p.dtype} {list(p.shape)}'}"
+                              for n, p in zip(paths, params))
+            raise SpecError(f"cannot tie layers whose {attr}s differ ({found})")
+        holders = [(m, name) for m in model.modules() for name, p in m._parameters.items()
+                   if p is not None and any(p is q for q in params)]
+        with torch.no_grad():
+            mean = sum(m._parameters[name].detach().double() for m, name in holders) / len(holders)
+        shared = nn.Parameter(mean.to(params[0].dtype), requires_grad=params[0].requires_grad)
+        for m, name in holders:
+            setattr(m, name, shared)
+
+
+def tied_layers(model: nn.Module) -> list[tuple[str, ...]]:
+    """Module paths of the layers that share a weight ``Parameter`` with another one, one tuple per
+    shared weight (model order): the ties :class:`TieWeights` made, and those of the architecture."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), []).append(name)
+    return [tuple(names) for names in holders.values() if len(names) > 1]
+
+
 def weight_masks(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The 0/1 mask of each named parameter: 1 where it is non-zero (what unstructured pruning kept)."""
     params = dict(model.named_parameters())
@@ -267,5 +348,6 @@ def edits_from_json(data: Sequence[Mapping[str, Any]]) -> list[Edit]:
     return [edit_from_json(d) for d in data]
 
 
-__all__ = ["EDIT_TYPES", "Edit", "Linearize", "ReplaceByIdentity", "WeightMask", "apply_edits", "edit_from_json",
-           "edits_from_json", "edits_from_record", "edits_to_json", "register_edit", "weight_masks"]
+__all__ = ["EDIT_TYPES", "Edit", "Linearize", "ReplaceByIdentity", "TieWeights", "WeightMask", "apply_edits",
+           "edit_from_json", "edits_from_json", "edits_from_record", "edits_to_json", "register_edit", "tied_layers",
+           "weight_masks"]

@@ -23,6 +23,7 @@ TEST = "#6a3d9a"
 SITE_KEPT = "#d95f02"
 SITE_COLLAPSED = "#1b9e77"
 LAYER = "#b8b8b8"
+REMOVED = "#9a9a9a"  # entries inside a block replaced by the identity
 GROUP_COLOURS = ("#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728", "#393b79")
 
 
@@ -332,7 +333,7 @@ def _groups(entries: list[dict[str, Any]]) -> dict[str, list[int]]:
     """Deploy layer -> indices of the two or more weight layers merged into it."""
     members: dict[str, list[int]] = {}
     for i, e in enumerate(entries):
-        if e["kind"] != "site":
+        if e["kind"] != "site" and e.get("status") != "removed":
             members.setdefault(e.get("into", e["name"]), []).append(i)
     return {into: idx for into, idx in members.items() if len(idx) > 1}
 
@@ -363,11 +364,15 @@ def _layout(entries: list[dict[str, Any]], labels: dict[str, tuple[str, str]], l
 
 def _network_summary(entries: list[dict[str, Any]], groups: dict[str, list[int]]) -> str:
     kinds = Counter(e["kind"] for e in entries)
-    collapsed = sum(1 for e in entries if e["kind"] == "site" and e.get("status") == "collapsed")
+    status = Counter(e.get("status") for e in entries if e["kind"] == "site")
     layers = [e for e in entries if e["kind"] != "site"]
-    deploy = len({e.get("into", e["name"]) for e in layers})
-    return (f"{kinds['site']} activation sites: {kinds['site'] - collapsed} kept, {collapsed} collapsed; "
-            f"{len(layers)} weight layers -> {deploy} deploy layers ({len(groups)} merged from 2 or more)")
+    kept_layers = [e for e in layers if e.get("status") != "removed"]
+    deploy = len({e.get("into", e["name"]) for e in kept_layers})
+    removed = len(layers) - len(kept_layers)
+    gone = f", {status['removed']} removed" if status["removed"] else ""
+    return (f"{kinds['site']} activation sites: {status['kept']} kept, {status['collapsed']} collapsed{gone}; "
+            f"{len(layers)} weight layers -> {deploy} deploy layers ({len(groups)} merged from 2 or more"
+            + (f", {removed} removed with their block" if removed else "") + ")")
 
 
 def _network_map(fig: Any, report: dict[str, Any]) -> None:
@@ -421,6 +426,11 @@ def _layer_marker(ax: Any, kind: str, x: float, y: float, fill: str, edge: str) 
 
 
 def _draw_entry(ax: Any, entry: dict[str, Any], name: str, x: float, y: float) -> None:
+    if entry.get("status") == "removed":  # inside a block replaced by the identity: hollow and grey
+        marker = "o" if entry["kind"] == "site" else "s" if entry["kind"] == "conv" else "D"
+        ax.plot([x + 0.15], [y], marker, ms=5, mfc="white", mec=REMOVED, mew=1.0)
+        ax.text(x + 0.3, y, name, fontsize=FONT, family="monospace", va="center", color=REMOVED)
+        return
     if entry["kind"] == "site":
         kept = entry.get("status") != "collapsed"
         colour = SITE_KEPT if kept else SITE_COLLAPSED
@@ -464,6 +474,9 @@ def _map_legend(entries: list[dict[str, Any]], groups: dict[str, list[int]]) -> 
     handles.append(Line2D([], [], ls="", marker="o", ms=5.5, mfc=SITE_KEPT, mec=SITE_KEPT, label="activation kept"))
     handles.append(Line2D([], [], ls="", marker="o", ms=5.5, mfc="white", mec=SITE_COLLAPSED, mew=1.3,
                           label="activation collapsed"))
+    if any(e.get("status") == "removed" for e in entries):
+        handles.append(Line2D([], [], ls="", marker="s", ms=5, mfc="white", mec=REMOVED, mew=1.0,
+                              label="removed with its block (replaced by the identity)"))
     if groups:
         handles.append(Line2D([], [], color=GROUP_COLOURS[0], lw=1.6, marker="s", ms=5.5, mfc=GROUP_COLOURS[0],
                               mec="black", label="layers merged into one deploy layer (its name, its layer)"))

@@ -45,6 +45,7 @@ MAX_INPUT_NESTING = 8
 # merge removes layers, not 98% of a network), and always up to MIN_ARCHITECTURE_VALUES (256 MiB of float32).
 ARCHITECTURE_RATIO = 64
 MIN_ARCHITECTURE_VALUES = 2**26
+MAX_PRICES = 1 << 16  # latency table entries a recipe may record
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in (
     "float16", "bfloat16", "float32", "float64", "uint8", "int8", "int16", "int32", "int64", "bool")}
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
@@ -192,7 +193,7 @@ def save(model: nn.Module, directory: str | Path, *, example_inputs: ExampleInpu
     edits = list(edits) if edits is not None else edits_from_record(record)
     inputs = describe_inputs(example_inputs)
     check_inputs(inputs)
-    weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    weights, aliases = weights_to_save(model)
     tmp = out / f".{WEIGHTS}.tmp"
     save_file(weights, str(tmp), metadata={"format": FORMAT})
     tmp.replace(out / WEIGHTS)
@@ -200,16 +201,47 @@ def save(model: nn.Module, directory: str | Path, *, example_inputs: ExampleInpu
         "format": FORMAT, "version": VERSION, "form": _form(model), "model": spec, "edits": edits_to_json(edits),
         **_merge_facts(model, record),
         **_copy_hf_config(spec, out, record.get(HF_CONFIG) if spec == record.get("model") else None),
-        "example_inputs": inputs, "weights": WEIGHTS,
+        "example_inputs": inputs, "weights": WEIGHTS, **({"aliases": aliases} if aliases else {}),
     })
     return out
 
 
+def weights_to_save(model: nn.Module, *, clone: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What ``weights.safetensors`` holds for ``model``: each tensor of its state dict once (CPU copies,
+    contiguous), under the first name that holds it; and the other names of a shared tensor (tied
+    weights), ``{alias: stored name}``, which the recipe records and :func:`load` fills from it."""
+    from tlc.measure.count import storage_key
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[Any, str] = {}
+    for name, value in model.state_dict().items():
+        key = storage_key(value)
+        if key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        value = value.detach().cpu()
+        tensors[name] = (value.clone() if clone else value).contiguous()
+    return tensors, aliases
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """The size in bytes of the ``weights.safetensors`` that :func:`save` writes for ``model`` (serialized in
+    memory: shared tensors once)."""
+    from safetensors.torch import save as serialize
+
+    tensors, _ = weights_to_save(model, clone=False)
+    return len(serialize(tensors, metadata={"format": FORMAT}))
+
+
 def _merge_facts(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
-    """The policy and the recorded zero channels a deploy form was merged with (what its replay needs)."""
+    """The policy, the recorded zero channels and (latency policy) the table entries a deploy form was
+    merged with: what its replay needs to rebuild the same structure."""
     report = getattr(model, "tlc_report", None)
     if report is not None:
-        return {"policy": report.policy, "zeros": report.zeros}
+        return {"policy": report.policy, "zeros": report.zeros,
+                **({"prices": report.prices} if report.prices is not None else {})}
     return {"policy": record.get("policy"), "zeros": None}
 
 
@@ -254,6 +286,7 @@ def load(directory: str | Path, *, model: nn.Module | None = None, device: str =
     weights_path = _inside(folder, recipe["weights"], "weights")
     header = _weights_header(weights_path)
     edits, policy, zeros = _recipe_edits(recipe, folder / RECIPE)
+    merged_with = {"policy": policy, "zeros": zeros, "table": recipe.get("prices")}
     example = build_inputs(recipe["example_inputs"])
     built_from = None
     if model is None:
@@ -261,9 +294,12 @@ def load(directory: str | Path, *, model: nn.Module | None = None, device: str =
         original, built_from = _build_original(folder, recipe, saved_values, trust_code)
     else:
         original = copy.deepcopy(model)
-    rebuilt = _replay(folder / RECIPE, original.eval(), recipe["form"], edits, policy, zeros, example)
-    _check_header(weights_path, header, rebuilt.state_dict())
-    rebuilt.load_state_dict(load_file(str(weights_path)), strict=True)
+    rebuilt = _replay(folder / RECIPE, original.eval(), recipe["form"], edits, merged_with, example)
+    state = rebuilt.state_dict()
+    aliases = _check_aliases(folder / RECIPE, recipe.get("aliases") or {}, state)
+    _check_header(weights_path, header, {k: v for k, v in state.items() if k not in aliases})
+    tensors = load_file(str(weights_path))
+    rebuilt.load_state_dict({**tensors, **{alias: tensors[name] for alias, name in aliases.items()}}, strict=True)
     rebuilt._tlc_record = dict(getattr(rebuilt, "_tlc_record", {}) or {}, model=recipe.get("model"))
     if built_from is not None:  # saving the loaded model again copies the config it was built from
         rebuilt._tlc_record[HF_CONFIG] = built_from
@@ -309,12 +345,22 @@ def _check_fields(recipe: dict[str, Any], path: Path) -> None:
         problems.append(f"policy must be one of {', '.join(POLICIES)} or null")
     if recipe.get("zeros") is not None and not _is_zeros(recipe["zeros"]):
         problems.append("zeros must map operation names to {parameter: [channel indices]}")
+    if recipe.get("prices") is not None and not _is_prices(recipe["prices"]):
+        problems.append(f"prices must map at most {MAX_PRICES} layer keys to times >= 0")
     if not isinstance(recipe.get("edits", []), list) or not isinstance(recipe.get("record", {}), dict):
         problems.append("edits must be a list (record, of version 1, an object)")
+    if recipe.get("aliases") is not None and not (isinstance(recipe["aliases"], dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in recipe["aliases"].items())):
+        problems.append("aliases must map weight names to the weight names they share a tensor with")
     if recipe.get(HF_CONFIG) is not None and not isinstance(recipe[HF_CONFIG], str):
         problems.append(f"{HF_CONFIG} must be a folder name")
     if problems:
         raise SpecError(f"{path} is malformed: {'; '.join(problems)}")
+
+
+def _is_prices(prices: Any) -> bool:
+    return isinstance(prices, dict) and len(prices) <= MAX_PRICES and all(
+        isinstance(k, str) and type(v) in (int, float) and math.isfinite(v) and v >= 0 for k, v in prices.items())
 
 
 def _is_zeros(zeros: Any) -> bool:
@@ -397,19 +443,35 @@ def _hf_spec(folder: Path, recipe: dict[str, Any], spec: Any, trust_code: bool) 
                     "pass trust_code=True (tlc.load) or --trust-code (tlc export) to read it, only if you trust it")
 
 
-def _replay(path: Path, original: nn.Module, form: str, edits: list[Edit], policy: str | None, zeros: Any,
+def _replay(path: Path, original: nn.Module, form: str, edits: list[Edit], merged_with: dict[str, Any],
             example: ExampleInputs) -> nn.Module:
-    """The recipe's edits replayed on ``original`` and, for a deploy form, the recorded merge."""
+    """The recipe's edits replayed on ``original`` and, for a deploy form, the recorded merge (``merged_with``:
+    the policy, zero channels and latency prices :func:`tlc.merge` takes)."""
     try:
         rebuilt, _ = apply_edits(original, edits, example)
         if form == "deploy":  # the saved weights, not the fresh ones, are what the merge must match
-            rebuilt = merge(rebuilt, example, policy=policy, verify=False, zeros=zeros)
+            rebuilt = merge(rebuilt, example, verify=False, **merged_with)
     except SpecError:
         raise
     except (TLCError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise SpecError(f"{path}: its edits do not replay on the model ({type(exc).__name__}: {reason})") from exc
     return rebuilt
+
+
+def _check_aliases(path: Path, aliases: dict[str, str], state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The recipe's aliases (a weight filled from another stored one: tied weights), refused unless both
+    names are weights of the rebuilt model, of one shape and dtype, and the stored one is no alias itself."""
+    for alias, name in aliases.items():
+        if alias not in state or name not in state:
+            raise SpecError(f"{path}: alias {alias!r:.120} -> {name!r:.120} names a weight the rebuilt model "
+                            "does not have")
+        if name in aliases or alias == name:
+            raise SpecError(f"{path}: alias {alias!r:.120} -> {name!r:.120} must name a stored weight")
+        if state[alias].shape != state[name].shape or state[alias].dtype != state[name].dtype:
+            raise SpecError(f"{path}: alias {alias} ({state[alias].dtype} {list(state[alias].shape)}) cannot share "
+                            f"{name} ({state[name].dtype} {list(state[name].shape)})")
+    return aliases
 
 
 def _weights_header(path: Path) -> dict[str, tuple[list[int], str]]:

@@ -17,6 +17,7 @@ from tlc.measure.compare import Comparison, compare
 from tlc.measure.count import count_macs, count_params
 from tlc.measure.latency import LatencyStats, measure_latency, rebatch, time_callable
 from tlc.measure.structure import activations, depth
+from tlc.measure.table import LatencyTable, LayerShape
 
 
 def measure(
@@ -34,12 +35,15 @@ def measure(
 ) -> dict[str, Any]:
     """Params, MACs (per example batch), depth, activations and, unless ``latency=False``, latency.
 
+    ``params`` counts every layer's parameters, ``unique_params`` the distinct values stored (tied
+    weights once: what Layer Fusion shrinks; see :func:`count_params`).
     ``latency_ms`` is the median eager latency at the first batch size; ``latency`` lists every
     (backend, batch size) measured, with spread, thread count and device. To compare two models use
     :func:`compare`, which interleaves their runs.
     """
     stats: dict[str, Any] = {
-        "params": count_params(model),
+        "params": count_params(model, unique=False),
+        "unique_params": count_params(model),
         "macs": count_macs(model, example_inputs),
         "depth": depth(model, example_inputs),
         "activations": activations(model, example_inputs),
@@ -63,6 +67,8 @@ sys.modules[__name__].__class__ = _CallableModule
 __all__ = [
     "Comparison",
     "LatencyStats",
+    "LatencyTable",
+    "LayerShape",
     "activations",
     "compare",
     "count_macs",

@@ -13,16 +13,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from tlc._inputs import ExampleInputs, batch_size_of, run, to_device
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of distinct parameter values of `model`; buffers (e.g. BatchNorm statistics) excluded.
+def count_params(model: nn.Module, *, unique: bool = True) -> int:
+    """Number of parameter values of `model`; buffers (e.g. BatchNorm statistics) excluded.
 
-    Tied weights count once, whether they are the same `Parameter` object or two parameters
-    viewing the same memory.
+    With `unique` (the default) tied weights count once, whether they are the same `Parameter` object or
+    two parameters viewing the same memory: the values stored. With `unique=False` every layer's
+    parameters count, shared or not: the values computed with (what Layer Fusion does not change).
     """
+    if not unique:
+        return sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
     seen: set[Any] = set()
     total = 0
     for p in model.parameters():
-        key = _storage_key(p)
+        key = storage_key(p)
         if key not in seen:
             seen.add(key)
             total += p.numel()
@@ -40,8 +43,9 @@ def weight_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def _storage_key(p: torch.Tensor) -> Any:
-    """Identity of the memory a parameter occupies (object identity where there is no real memory)."""
+def storage_key(p: torch.Tensor) -> Any:
+    """Identity of the memory a tensor occupies (object identity where there is no real memory): two
+    tensors with the same key hold the same values, always (tied weights)."""
     if p.device.type == "meta" or p.numel() == 0:
         return id(p)
     return (p.device, p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.stride())

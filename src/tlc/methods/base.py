@@ -93,9 +93,14 @@ class Method:
         """Edits made to the chosen model once the loop is over (e.g. snap learned slopes)."""
         return []
 
+    def param_lr(self, model: nn.Module) -> dict[str, float]:
+        """Learning rates of the method's own parameters during fine-tuning, by name (empty: the run's)."""
+        return {}
+
     def has_fit_hooks(self) -> bool:
-        """Whether fine-tuning must call :meth:`loss` / :meth:`after_step` (they are overridden)."""
-        return type(self).loss is not Method.loss or type(self).after_step is not Method.after_step
+        """Whether fine-tuning must call :meth:`loss` / :meth:`after_step` / :meth:`param_lr` (overridden)."""
+        hooks = ("loss", "after_step", "param_lr")
+        return any(getattr(type(self), hook) is not getattr(Method, hook) for hook in hooks)
 
 
 # ============================================================================ registry
@@ -108,6 +113,7 @@ BUILTIN = {
     "lacoot": "tlc.methods.lacoot",
     "layer_collapse": "tlc.methods.layer_collapse",
     "layer_folding": "tlc.methods.layer_folding",
+    "layer_fusion": "tlc.methods.layer_fusion",
 }
 _REGISTRY: dict[str, type[Method]] = {}
 

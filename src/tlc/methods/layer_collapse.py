@@ -29,7 +29,8 @@ from tlc.methods.base import Method, NoCandidate, Proposal, register_method
 from tlc.methods.tlc import collapse_savings
 from tlc.ops import Kind
 from tlc.run.config import RunContext
-from tlc.surgery.learnable import MakeLearnable, PReLUActivation, plan_round, regularizer
+from tlc.surgery.learnable import MakeLearnable, PReLUActivation, learnable_modules, plan_round, regularizer
+from tlc.surgery.plan import POLICY_UNITS
 
 ORDERS = ("depth", "savings")
 _PASS = (Kind.IDENTITY, Kind.BN, Kind.SCALE)  # what may sit between an FC layer and its activation (dropout, norm)
@@ -46,10 +47,11 @@ class LayerCollapseConfig:
     order: str = "savings"  # which come first: "depth" (the deepest, as the paper) or "savings" (merged MACs saved)
     paying_only: bool = True  # only activations whose collapse saves MACs once merged
     rounds: int | None = None  # a fixed schedule: rounds of regularized fine-tuning, then one collapse
-    patience: int = 2  # without a schedule: stop after this many rounds in a row with nothing to collapse
+    patience: int = 3  # without a schedule: stop after this many rounds in a row with nothing to collapse
+    param_lr: float | None = 0.01  # learning rate of the slopes (None: the fine-tuning's, as the paper)
 
     def __post_init__(self) -> None:
-        check_learnable_settings(self.threshold, self.rounds, self.patience, lc=self.lc)
+        check_learnable_settings(self.threshold, self.rounds, self.patience, lc=self.lc, param_lr=self.param_lr)
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], not {self.fraction}")
         if self.order not in ORDERS:
@@ -60,11 +62,14 @@ class LayerCollapseConfig:
 # run's fine-tuning with the regularizer, then every site with |alpha - 1| < 0.05 collapsed (its fine-tuning
 # no longer regularized); every step kept whatever its accuracy (the result: the best within the budget).
 PAPER: dict[str, Any] = dict(order="depth", paying_only=False, rounds=1, retry_single=False,
-                             continue_past_budget=True)
+                             continue_past_budget=True, param_lr=None)
 
 
-def check_learnable_settings(threshold: float, rounds: int | None, patience: int, **strengths: float) -> None:
+def check_learnable_settings(threshold: float, rounds: int | None, patience: int, param_lr: float | None = None,
+                             **strengths: float) -> None:
     """Refuse out-of-range settings shared by the learnable-activation methods."""
+    if param_lr is not None and not param_lr > 0:
+        raise ValueError(f"param_lr must be > 0 (or None: the fine-tuning's), not {param_lr}")
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0, not {threshold}")
     if rounds is not None and rounds < 1:
@@ -101,11 +106,31 @@ def merge_savings(model: nn.Module, graph: Graph, names: Sequence[str], run: Run
     return {n: float(saved[(n,)]) for n in names}
 
 
+def learnable_lr(model: nn.Module, lr: float | None) -> dict[str, float]:
+    """{name: ``lr``} for the parameters of the model's learnable activations (empty when ``lr`` is None)."""
+    if lr is None:
+        return {}
+    owned = {id(p) for m in learnable_modules(model).values() for p in m.parameters()}
+    return {name: lr for name, p in model.named_parameters() if id(p) in owned}
+
+
+def none_paying(what: str, found: int, paying_only: bool, policy: str) -> str:
+    """Why a learnable-activation method has nothing to learn: no ``what`` at all, or ``found`` of them but
+    none whose collapse pays under the merge ``policy`` (``paying_only``)."""
+    if not found or not paying_only:
+        return f"no {what}: nothing to make learnable"
+    return (f"none of the {found} {what}(s) pays: collapsing any one alone saves no {POLICY_UNITS[policy]} "
+            f"once merged (merge policy {policy!r}; paying_only=false makes them learnable all the same)")
+
+
 def learnable_step(model: nn.Module, exclude: Sequence[str], threshold: float, rounds: int | None, patience: int,
-                   policy: str, verb: str) -> Proposal:
+                   policy: str, verb: str, none_chosen: str | None = None) -> Proposal:
     """The step of a learnable-activation method (:func:`tlc.surgery.learnable.plan_round`): snap the sites
     that reached the threshold (``verb``: what the paper calls it) and mark the next round of training; the
-    fallback of a step that snaps several sites snaps the one nearest to linear alone."""
+    fallback of a step that snaps several sites snaps the one nearest to linear alone. ``none_chosen`` says
+    why the method made no site learnable (the run's stop reason when it did not)."""
+    if none_chosen and not learnable_modules(model):
+        raise NoCandidate(none_chosen)
     plan = plan_round(model, exclude, threshold, rounds, patience)
     if isinstance(plan, str):
         raise NoCandidate(plan)
@@ -143,7 +168,7 @@ class LayerCollapse(Method):
         config = self.config
         graph = trace(model, run.example_inputs)
         order = {s.name: i for i, s in enumerate(graph.sites)}
-        names = [s.name for s in graph.sites if between_fc_layers(graph, s)]
+        names = between = [s.name for s in graph.sites if between_fc_layers(graph, s)]
         savings = merge_savings(model, graph, names, run) if config.paying_only or config.order == "savings" else {}
         if config.paying_only:
             names = [n for n in names if savings[n] > 0]
@@ -152,9 +177,10 @@ class LayerCollapse(Method):
         else:
             ranked = sorted(names, key=lambda n: (-savings[n], -order[n]))
         chosen = sorted(ranked[:math.ceil(config.fraction * len(ranked))], key=order.__getitem__)
+        self.none_chosen = None if chosen else none_paying(
+            "activation between two fully connected layers", len(between), config.paying_only, run.config.policy)
         if not chosen:
-            run.log("layer_collapse: no activation between two fully connected layers"
-                    + (" whose collapse saves MACs" if config.paying_only else ""))
+            run.log(f"layer_collapse: {self.none_chosen}")
             return []
         run.log(f"layer_collapse: {', '.join(chosen)} made PReLUs (slope {config.init:g})")
         return [MakeLearnable(tuple(chosen), "prelu", config.init)]
@@ -162,12 +188,16 @@ class LayerCollapse(Method):
     def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
         config = self.config
         return learnable_step(model, exclude, config.threshold, config.rounds, config.patience, run.config.policy,
-                              "collapse")
+                              "collapse", getattr(self, "none_chosen", None))
 
     def loss(self, model: nn.Module, inputs: Any, labels: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
         """``lc * sum (alpha - 1)^2`` over the model's PReLU sites still regularized."""
         return regularizer(model, self.config.lc, PReLUActivation)
 
+    def param_lr(self, model: nn.Module) -> dict[str, float]:
+        """The slopes at ``param_lr``: at a transformer's fine-tuning rate (2e-5) they would hardly move."""
+        return learnable_lr(model, self.config.param_lr)
+
 
 __all__ = ["PAPER", "LayerCollapse", "LayerCollapseConfig", "between_fc_layers", "check_learnable_settings",
-           "learnable_step", "merge_savings"]
+           "learnable_lr", "learnable_step", "merge_savings", "none_paying"]

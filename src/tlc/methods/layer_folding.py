@@ -23,7 +23,13 @@ from torch import nn
 from tlc.edits import Edit
 from tlc.graph import Graph, trace
 from tlc.methods.base import Method, Proposal, register_method
-from tlc.methods.layer_collapse import check_learnable_settings, learnable_step, merge_savings
+from tlc.methods.layer_collapse import (
+    check_learnable_settings,
+    learnable_lr,
+    learnable_step,
+    merge_savings,
+    none_paying,
+)
 from tlc.run.config import RunContext
 from tlc.surgery.learnable import MakeLearnable, MixActivation, learnable_modules, regularizer
 from tlc.train import FitConfig
@@ -38,10 +44,12 @@ class LayerFoldingConfig:
     init: float = 0.1  # where a starts (at 0, the paper's, the regularizer's gradient is 0: only the task moves a)
     paying_only: bool = True  # only sites whose fold saves MACs once merged
     rounds: int | None = None  # a fixed schedule: rounds of regularized training, then one fold
-    patience: int = 2  # without a schedule: stop after this many rounds in a row with nothing to fold
+    patience: int = 3  # without a schedule: stop after this many rounds in a row with nothing to fold
+    param_lr: float | None = 0.01  # learning rate of the mix parameters (None: the fine-tuning's, as the paper)
 
     def __post_init__(self) -> None:
-        check_learnable_settings(self.threshold, self.rounds, self.patience, lambda_reg=self.lambda_reg)
+        check_learnable_settings(self.threshold, self.rounds, self.patience, lambda_reg=self.lambda_reg,
+                                 param_lr=self.param_lr)
         if not 0 <= self.init <= 1:
             raise ValueError(f"init must be in [0, 1], not {self.init}")
 
@@ -53,7 +61,7 @@ class LayerFoldingConfig:
 PAPER_TRAINING = FitConfig(epochs=100.0, batch_size=128, lr=1e-3, momentum=0.9, weight_decay=5e-4, schedule="step",
                            milestones=(0.5,), gamma=0.1)
 PAPER: dict[str, Any] = dict(init=0.0, paying_only=False, rounds=1, finetune=PAPER_TRAINING, retry_single=False,
-                             continue_past_budget=True)
+                             continue_past_budget=True, param_lr=None)
 
 
 @register_method
@@ -67,13 +75,14 @@ class LayerFolding(Method):
     def prepare(self, model: nn.Module, run: RunContext) -> list[Edit]:
         """Every site (``paying_only``: whose fold saves MACs) becomes a mix with ``a = init``."""
         graph = trace(model, run.example_inputs)
-        names = [s.name for s in graph.sites]
+        names = every = [s.name for s in graph.sites]
         if self.config.paying_only:
             savings = merge_savings(model, graph, names, run)
             names = [n for n in names if savings[n] > 0]
+        self.none_chosen = None if names else none_paying("activation site", len(every), self.config.paying_only,
+                                                          run.config.policy)
         if not names:
-            run.log("layer_folding: no activation site" + (" whose fold saves MACs" if self.config.paying_only
-                                                            else ""))
+            run.log(f"layer_folding: {self.none_chosen}")
             return []
         run.log(f"layer_folding: {len(names)} site(s) mixed with the identity (a = {self.config.init:g})")
         return [MakeLearnable(tuple(names), "mix", self.config.init)]
@@ -81,11 +90,15 @@ class LayerFolding(Method):
     def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
         config = self.config
         return learnable_step(model, exclude, config.threshold, config.rounds, config.patience, run.config.policy,
-                              "fold")
+                              "fold", getattr(self, "none_chosen", None))
 
     def loss(self, model: nn.Module, inputs: Any, labels: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
         """``lambda_reg * sum |1 - a^2|`` over the model's mix sites still regularized."""
         return regularizer(model, self.config.lambda_reg, MixActivation)
+
+    def param_lr(self, model: nn.Module) -> dict[str, float]:
+        """The mix parameters at ``param_lr``: at a transformer's fine-tuning rate they would hardly move."""
+        return learnable_lr(model, self.config.param_lr)
 
     def after_step(self, model: nn.Module) -> None:
         """Every ``a`` back into [0, 1] after each optimizer step."""

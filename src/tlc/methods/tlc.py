@@ -27,6 +27,7 @@ from tlc.methods.base import PAPER_RETRAINING, Method, NoCandidate, Proposal, re
 from tlc.run.config import RunContext
 from tlc.surgery.linearize import gate_nodes, linearize
 from tlc.surgery.plan import Planner
+from tlc.surgery.pricing import activation_shape, measure_first, resolve
 
 RULES = ("tolerance", "official")
 
@@ -123,27 +124,40 @@ def site_masks(graph: Graph, calibration: Sequence[tuple[Any, torch.Tensor]]) ->
 
 def collapse_savings(model: nn.Module, graph: Graph, masks: dict[str, torch.Tensor], example_inputs: ExampleInputs,
                      policy: str, pairs: bool = True) -> dict[tuple[str, ...], float]:
-    """Fraction of the current (planned) deploy MACs that collapsing each site saves once merged, and
+    """Fraction of the current (planned) deploy cost that collapsing each site saves once merged, and
     each pair of adjacent sites whose joint collapse saves more than the two alone (the two
     activations of an inverted residual only pay together; ``pairs=False`` skips them). Only the sites
-    in ``masks`` are candidates; the others (set aside) stay activations."""
+    in ``masks`` are candidates; the others (set aside) stay activations. The cost is the policy's
+    (:meth:`tlc.surgery.plan.Cost.amount`): MACs, or under "latency" the latency table's time of the
+    layers and of the activations left, so that a collapse is weighed by what it saves on the clock."""
     names = [s.name for s in graph.sites if s.name in masks]
     everything = trace(linearize(model, names, example_inputs, masks, exact=False, policy=policy), example_inputs)
     gates = gate_nodes(everything)
+    sites = {s.name: s for s in graph.sites}
+    candidates = [(n,) for n in names] + [p for p in (adjacent_sites(graph) if pairs else [])
+                                          if p[0] in masks and p[1] in masks]
 
-    def cost(collapsed: set[str]) -> int:
-        active = {gates[n] for n in collapsed}
-        barriers = {node for n, node in gates.items() if n not in collapsed}
-        planner = Planner(everything, policy, movable=active, barriers=barriers)
-        return planner.total_cost(planner.plan()).macs
+    def costs(table: Any) -> dict[tuple[str, ...], float]:
+        activation = {n: table.seconds(activation_shape(sites[n].activation, sites[n].shape)) if table else 0.0
+                      for n in names}
 
-    now = cost(set())
-    scale = max(now, 1)
-    savings: dict[tuple[str, ...], float] = {(n,): max(now - cost({n}), 0) / scale for n in names}
-    for a, b in adjacent_sites(graph) if pairs else []:
-        if a not in masks or b not in masks:
-            continue
-        pair = max(now - cost({a, b}), 0) / scale
+        def cost(collapsed: set[str]) -> float:
+            active = {gates[n] for n in collapsed}
+            barriers = {node for n, node in gates.items() if n not in collapsed}
+            planner = Planner(everything, policy, movable=active, barriers=barriers, table=table)
+            left = sum(activation[n] for n in names if n not in collapsed)
+            return planner.total_cost(planner.plan()).amount(policy) + left
+
+        return {unit: cost(set(unit)) for unit in [(), *candidates]}
+
+    table = resolve(policy, None)
+    measure_first(costs, table)
+    after = costs(table)
+    now = after[()]
+    scale = max(now, 1) if policy != "latency" else max(now, 1e-12)
+    savings: dict[tuple[str, ...], float] = {(n,): max(now - after[(n,)], 0) / scale for n in names}
+    for a, b in candidates[len(names):]:
+        pair = max(now - after[(a, b)], 0) / scale
         if pair > savings[(a,)] + savings[(b,)] + 1e-12:
             savings[(a, b)] = pair
     return savings
@@ -197,7 +211,8 @@ def whole_branch_units(model: nn.Module, graph: Graph, masks: dict[str, torch.Te
                        savings: dict[tuple[str, ...], float], example_inputs: ExampleInputs, policy: str,
                        ranking: LossGaps) -> list[Unit]:
     """Candidates with every channel of one site off, for the sites where that saves more than TLC's split
-    (the merge turns a residual branch whose site is all off into a bias; elsewhere the layers stay)."""
+    (the merge turns a residual branch whose site is all off into a bias, and drops the layers in front of an
+    all-off site: the tensor after it is a constant, through activations too)."""
     zeros = {n: torch.zeros_like(m) for n, m in masks.items() if m.any() and not disconnects(graph, n)}
     if not zeros:
         return []

@@ -16,7 +16,8 @@ from tlc.measure.latency import rebatch
 def network_map(original: nn.Module, deployed: nn.Module, example: ExampleInputs,
                 collapsed: Iterable[str]) -> list[dict[str, Any]]:
     """The original network in execution order (weight layers and activation sites), each with what
-    became of it: a site is "kept" or "collapsed"; a layer names the deploy-form layer it went into."""
+    became of it: a site is "kept" or "collapsed"; a layer names the deploy-form layer it went into. An
+    entry inside a module that ``collapsed`` names (a block replaced by the identity) is "removed"."""
     from tlc.ops import Kind
 
     graph = trace(original, rebatch(example, 1))
@@ -31,11 +32,22 @@ def network_map(original: nn.Module, deployed: nn.Module, example: ExampleInputs
         info = graph.info[node]
         if info.kind is Kind.SITE:
             name = site_of[node.name]
-            entries.append({"kind": "site", "name": name, "status": "collapsed" if name in collapsed else "kept"})
+            status = "removed" if _inside(name.split("#")[0], collapsed) else \
+                "collapsed" if name in collapsed else "kept"
+            entries.append({"kind": "site", "name": name, "status": status})
         elif info.kind in (Kind.CONV, Kind.LINEAR):
             owner = info.owner or node.name
-            entries.append({"kind": info.kind.value, "name": owner, "into": into.get(owner, owner)})
+            if _inside(owner, collapsed):
+                entries.append({"kind": info.kind.value, "name": owner, "into": None, "status": "removed"})
+            else:
+                entries.append({"kind": info.kind.value, "name": owner, "into": into.get(owner, owner)})
     return entries
+
+
+def _inside(name: str, modules: set[str]) -> bool:
+    """Whether ``name`` (a module or parameter path) lies strictly inside one of ``modules``."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
 
 
 def speed_change(row: dict[str, Any]) -> str:
@@ -52,6 +64,11 @@ def speed_change(row: dict[str, Any]) -> str:
     return (f"x{ratio:.2f} faster" if ratio >= 1 else f"x{1 / ratio:.2f} slower") + f" ({spread})"
 
 
+def _all_unique(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether no weight is shared before or after (unique params equal params: nothing to show)."""
+    return before["unique_params"] == before["params"] and after["unique_params"] == after["params"]
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The before/after table of a report (what ``tlc demo`` and ``tlc report`` print)."""
     before, after = report["original"], report["compressed"]
@@ -62,8 +79,13 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{100 * (after[key] - before[key]):+.2f} pt"))
     for key, label in (("activations", "activations"), ("depth", "depth")):
         rows.append((label, str(before[key]), str(after[key]), f"{after[key] - before[key]:+d}"))
-    for key, label in (("params", "params"), ("macs", "MACs (batch 1)")):
-        rows.append((label, si(before[key]), si(after[key]), f"x{before[key] / max(after[key], 1):.2f} smaller"))
+    for key, label in (("params", "params"), ("unique_params", "unique params"), ("weights_bytes", "weights file"),
+                       ("macs", "MACs (batch 1)")):
+        if key not in before or key not in after or (key == "unique_params" and _all_unique(before, after)):
+            continue  # unique params: shown where tied weights make them differ; older reports lack them
+        unit = "B" if key == "weights_bytes" else ""
+        rows.append((label, si(before[key]) + unit, si(after[key]) + unit,
+                     f"x{before[key] / max(after[key], 1):.2f} smaller"))
     if after.get("weight_sparsity", 0.0) > before.get("weight_sparsity", 0.0):  # unstructured pruning: not a speed-up
         rows.append(("weight sparsity", f"{100 * before['weight_sparsity']:.1f}%",
                      f"{100 * after['weight_sparsity']:.1f}%", "zeros kept in dense layers"))

@@ -29,10 +29,11 @@ from tlc._inputs import run as run_model
 from tlc.edits import Edit, Linearize, apply_edits, edits_from_json, edits_to_json
 from tlc.errors import SpecError, TLCError
 from tlc.graph import trace
-from tlc.io.recipe import check_reload, save
+from tlc.io.recipe import check_reload, save, weights_bytes
 from tlc.measure import activations, compare, count_macs, count_params, depth
 from tlc.measure.count import weight_sparsity
 from tlc.measure.latency import rebatch
+from tlc.measure.table import LatencyTable
 from tlc.methods.base import Method, NoCandidate, Proposal, build_configs, method_class
 from tlc.report.tables import format_table, network_map, speed_change
 from tlc.run.checks import base_warnings, fine_tuning_gain, near_chance
@@ -41,6 +42,7 @@ from tlc.run.data import calibration_batches, derive_seed, example_batch
 from tlc.run.records import NON_FINITE, StepRecord
 from tlc.run.state import CHECKPOINT_PREFIX, RunState, fingerprint, load_state, save_state, step_weights
 from tlc.surgery.merge import merge
+from tlc.surgery.pricing import using_table
 from tlc.train import FitHooks, evaluate, fit
 from tlc.train.checkpoint import (
     atomic_write_json,
@@ -162,14 +164,24 @@ def compress(
                          val_data, collate_fn, dev, progress, log or (lambda _message: None))
     outputs = Outputs(Path(out_dir) if out_dir is not None else None, model_spec, data_spec, test_data,
                       tuple(latency_batch_sizes), tuple(latency_backends))
-    loop = _open(cls(own), context, outputs, original, resume)
-    while not loop.state.stop_reason:
-        _step(loop)
-    result = _finish(loop)
+    with using_table(_latency_table(run_config, outputs, dev)):
+        loop = _open(cls(own), context, outputs, original, resume)
+        while not loop.state.stop_reason:
+            _step(loop)
+        result = _finish(loop)
     if outputs.out_dir is not None:
         write_outputs(outputs.out_dir, result, example)
         check_reload(outputs.out_dir, result.model, example, model=None if model_spec else original)
     return result
+
+
+def _latency_table(config: RunConfig, outputs: Outputs, device: torch.device) -> LatencyTable | None:
+    """Under the latency policy, the table the run's plans read: its first latency backend and batch size,
+    on its device and thread count (None for the other policies)."""
+    if config.policy != "latency":
+        return None
+    return LatencyTable(backend=outputs.latency_backends[0], device=device, batch_size=outputs.latency_batch_sizes[0],
+                        threads=torch.get_num_threads())
 
 
 def _settings(method: Method, config: RunConfig) -> dict[str, Any]:
@@ -336,7 +348,8 @@ def _try(loop: _Loop, step: int, attempt: str, lin: nn.Module,
 
 
 def _hooks(method: Method) -> FitHooks | None:
-    return FitHooks(loss=method.loss, after_step=method.after_step) if method.has_fit_hooks() else None
+    return FitHooks(loss=method.loss, after_step=method.after_step, param_lr=method.param_lr) \
+        if method.has_fit_hooks() else None
 
 
 def _remove_fit_checkpoints(fit_dir: Path | None) -> None:
@@ -369,8 +382,9 @@ def _classes(model: nn.Module, example: ExampleInputs) -> int:
 
 def _structure(model: nn.Module, example: ExampleInputs) -> dict[str, int]:
     one = rebatch(example, 1)
-    return {"params": count_params(model), "macs": count_macs(model, one), "depth": depth(model, one),
-            "activations": activations(model, one), "weight_sparsity": weight_sparsity(model)}
+    return {"params": count_params(model, unique=False), "unique_params": count_params(model),
+            "macs": count_macs(model, one), "depth": depth(model, one), "activations": activations(model, one),
+            "weight_sparsity": weight_sparsity(model)}
 
 
 def _speedup(original: nn.Module, deployed: nn.Module, run: RunContext, repeats: int) -> dict[str, Any]:
@@ -468,8 +482,9 @@ def _finish(loop: _Loop) -> CompressionResult:
 
 def _report(loop: _Loop, deployed: nn.Module, edits: list[Edit]) -> tuple:
     run, config, state, outputs = loop.run, loop.config, loop.state, loop.outputs
-    before = {**loop.structure, "val_accuracy": state.baseline["accuracy"]}
-    after = {**_structure(deployed, run.example_inputs),
+    before = {**loop.structure, "weights_bytes": weights_bytes(loop.original),
+              "val_accuracy": state.baseline["accuracy"]}
+    after = {**_structure(deployed, run.example_inputs), "weights_bytes": weights_bytes(deployed),
              "val_accuracy": loop.evaluate(deployed, run.val_data)["accuracy"]}
     if outputs.test_data is not None:
         before["test_accuracy"] = loop.evaluate(loop.original, outputs.test_data)["accuracy"]

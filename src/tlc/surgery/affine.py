@@ -14,9 +14,9 @@ Otherwise :class:`Infeasible` is raised in strict mode; ``linearize(exact=True)`
 so that it holds.
 
 A *constant* map does not depend on the entry at all: its tensor is ``bias`` at every position (a branch
-behind a gate whose channels are all off). Added to another map it only shifts that map's bias, so the
-layers computing it vanish from the merged layer: a residual block whose branch is constant becomes a
-per-channel bias.
+behind a gate whose channels are all off, see :mod:`tlc.surgery.constants`; :func:`constant_map`). Added
+to another map it only shifts that map's bias, so the layers computing it vanish from the merged layer: a
+residual block whose branch is constant becomes a per-channel bias.
 """
 
 from __future__ import annotations
@@ -93,6 +93,16 @@ def identity_map(kind: str, channels: int, spatial_dims: int, numeric: bool) -> 
         bias=torch.zeros(channels, dtype=torch.float64) if numeric else None,
         identity=True,
     )
+
+
+def constant_map(kind: str, in_channels: int, out_channels: int, spatial_dims: int, zero_out: frozenset[int],
+                 bias: torch.Tensor | None = None) -> Map:
+    """The map of a per-channel constant (``bias``, numeric mode only) that does not read the entry: it
+    only ever joins another map's bias (:func:`add`), so it has no weight."""
+    one = (1,) * spatial_dims
+    return Map(kind=kind, in_channels=in_channels, out_channels=out_channels, groups=1, kernel=one, stride=one,
+               padding=(0,) * spatial_dims, dilation=one, bias=bias, bias_zero=len(zero_out) == out_channels,
+               zero_out=frozenset(zero_out), constant=True)
 
 
 def _f64(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ from tlc.errors import MergeError
 from tlc.graph import Graph, Site, resolve_sites, trace
 from tlc.ops import Kind
 from tlc.sites import SiteActivation, SiteGate
+from tlc.surgery import pricing
 from tlc.surgery.plan import POLICIES, Planner, conv_module_path
 
 Masks = Mapping[str, Any]
@@ -33,11 +34,13 @@ def linearize(
     *,
     exact: bool = True,
     policy: str = "macs",
+    table: Any = None,
 ) -> nn.Module:
     """A new module where each chosen site is the identity, or a 0/1 gate per channel when
     ``masks[site_name]`` is given (0 = channel removed). ``model`` is not modified.
 
-    ``policy`` is the merge policy the padding moves are planned for (``merge`` uses it by default).
+    ``policy`` is the merge policy the padding moves are planned for (``merge`` uses it by default;
+    ``"latency"`` plans with ``table``, a :class:`tlc.measure.LatencyTable`, by default the current one).
     For models torch.fx traces, and for graph modules, the result is an ``fx.GraphModule``; otherwise the
     model's own class with the activation modules replaced.
 
@@ -56,7 +59,7 @@ def linearize(
         form: nn.Module = _gate_graph(graph, chosen, checked)
     else:
         form = _gate_modules(model, chosen, checked)
-    moves = _move_padding(form, example_inputs, {s.name for s in chosen}, policy) if exact and chosen else {}
+    moves = _move_padding(form, example_inputs, {s.name for s in chosen}, policy, table) if exact and chosen else {}
     record = dict(getattr(model, "_tlc_record", {}) or {})
     record["paddings"] = {**record.get("paddings", {}), **{k: list(v) for k, v in moves.items()}}
     record["sites"] = list(record.get("sites", [])) + [s.name for s in chosen]
@@ -207,11 +210,13 @@ def gate_nodes(graph: Graph) -> dict[str, fx.Node]:
 
 
 def _move_padding(form: nn.Module, example_inputs: ExampleInputs, site_names: set[str],
-                  policy: str) -> dict[str, tuple[int, ...]]:
+                  policy: str, table: Any = None) -> dict[str, tuple[int, ...]]:
     """Move padding so that the segments the merge will collapse are exact; returns {conv path: padding}."""
     graph = trace(form, example_inputs)
     gates = {node for name, node in gate_nodes(graph).items() if name in site_names}
-    planner = Planner(graph, policy, movable=gates)
+    base = pricing.resolve(policy, table)
+    pricing.measure_first(lambda prices: Planner(graph, policy, movable=gates, table=prices).plan(), base)
+    planner = Planner(graph, policy, movable=gates, table=base)
     _refuse_shared(graph, planner, gates)
     plan = planner.plan()
     moves = {conv_module_path(graph, node): tuple(padding) for node, padding in plan.padding_moves.items()}

@@ -8,6 +8,7 @@ and the graph pass :func:`merge`.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,9 @@ from tlc._inputs import ExampleInputs, max_relative_error, output_tensors, run
 from tlc.errors import MergeError, TLCError, VerificationError
 from tlc.graph import Graph, trace
 from tlc.ops import Kind
-from tlc.surgery import compose
+from tlc.surgery import compose, pricing
 from tlc.surgery.affine import Infeasible, Map
+from tlc.surgery.constants import ChannelConstant, constant_shape, constant_values
 from tlc.surgery.modules import ChannelAffine
 from tlc.surgery.plan import MergeGroup, Plan, Planner, assume_zeros, exit_map, value_zeros
 
@@ -158,6 +160,7 @@ class MergeReport:
     records: list[MergeRecord] = field(default_factory=list)
     max_relative_error: float = 0.0
     zeros: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    prices: dict[str, float] | None = None  # latency policy: the table entries the plan read (key -> seconds)
 
     def __str__(self) -> str:
         lines = [f"merge (policy={self.policy}): {len(self.records)} layers built, "
@@ -176,13 +179,17 @@ def merge(
     verify: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
     zeros: Mapping[str, Mapping[str, list[int]]] | None = None,
+    table: pricing.Prices | Mapping[str, float] | None = None,
 ) -> fx.GraphModule:
     """The deploy form of ``model``: batch norms folded, linear chains merged where the policy says it
     pays, gated channels removed, verified to match ``model`` within ``tolerance`` (relative, fp32).
 
-    ``policy`` is ``"macs"`` (default: merge only when it does not add MACs), ``"always"`` (fewest
-    layers) or ``"never"`` (fold batch norms and gates only); by default the policy recorded by
-    ``linearize`` is used. ``model`` is not modified; the result is in eval mode.
+    ``policy`` is ``"macs"`` (default: merge only when it does not add MACs), ``"latency"`` (merge where
+    the latency ``table`` says it pays: a :class:`tlc.measure.LatencyTable`, by default the current one of
+    :mod:`tlc.surgery.pricing`), ``"always"`` (fewest layers) or ``"never"`` (fold batch norms and gates
+    only); by default the policy recorded by ``linearize`` is used. ``model`` is not modified; the result
+    is in eval mode. A latency plan records the table entries it read (``deployed.tlc_report.prices``);
+    ``table=`` those entries rebuilds the same plan.
 
     The structure of the result depends on which per-channel parameters are exactly zero (removed
     channels, a constant branch that becomes a bias); the deploy form records them
@@ -190,7 +197,7 @@ def merge(
     same layers from a freshly built model before loading the saved weights.
     """
     record = dict(getattr(model, "_tlc_record", {}) or {})
-    policy = policy or record.get("policy") or "macs"
+    asked, policy = policy, policy or record.get("policy") or "macs"
     graph = trace(model, example_inputs)
     if zeros is not None:
         try:
@@ -198,19 +205,56 @@ def merge(
         except Infeasible as exc:
             raise MergeError(str(exc)) from exc
     zeros_used = value_zeros(graph)
-    plan = Planner(graph, policy).plan()
+    base = pricing.resolve(policy, table)
+    pricing.measure_first(lambda prices: Planner(graph, policy, table=prices).plan(), base)
+    prices = None if base is None else pricing.Recording(base)
+    planner = Planner(graph, policy, table=prices)
+    plan = planner.plan()
+    if asked and zeros is None:
+        _warn_if_planned_otherwise(planner, plan, record.get("policy"))
     deployed, report = realize(graph, plan, policy)
     if verify:
         def merged_in_float64(model64: nn.Module, inputs64: ExampleInputs) -> nn.Module:
-            return merge(model64, inputs64, policy=policy, verify=False)
+            return merge(model64, inputs64, policy=policy, verify=False, table=prices)
 
         report.max_relative_error = verify_merge(graph.source, deployed, example_inputs, tolerance,
                                                  merged_in_float64)
     record["policy"] = policy
     report.zeros = zeros_used
+    report.prices = dict(prices.entries) if prices is not None else None
     deployed._tlc_record = record
     deployed.tlc_report = report
     return deployed.eval()
+
+
+def _warn_if_planned_otherwise(planner: Planner, plan: Plan, planned_for: str | None) -> None:
+    """Warn when ``linearize`` moved the padding for another policy than this merge's and this policy would
+    merge more segments had the padding been moved for it (the merge stays exact, only less deep)."""
+    from tlc.surgery.linearize import gate_nodes
+
+    if not planned_for or planned_for == planner.policy:
+        return
+    gates = set(gate_nodes(planner.graph).values())
+    if not gates:
+        return
+    relaxed_planner = Planner(planner.graph, planner.policy, movable=gates, table=planner.table)
+    relaxed = relaxed_planner.plan()
+    if relaxed_planner.total_cost(relaxed).weight_ops >= planner.total_cost(plan).weight_ops:
+        return
+    grouped = {member for group in plan.merged.values() for member in group.members}
+    missed = [_layers_of(planner.graph, group.members) for group in relaxed.merged.values()
+              if sum(planner.info[n].kind in (Kind.CONV, Kind.LINEAR) for n in group.members) > 1
+              and not set(group.members) <= grouped]
+    names = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
+    warnings.warn(f"merge(policy={planner.policy!r}) of a model linearized for policy {planned_for!r}: its padding "
+                  f"was moved for {planned_for!r}, so {len(missed)} segment(s) merge less than {planner.policy!r} "
+                  f"could ({names}); linearize with policy={planner.policy!r} to merge them", stacklevel=3)
+
+
+def _layers_of(graph: Graph, members: tuple[fx.Node, ...]) -> str:
+    """``first..last`` weight layer of a group (by module or parameter owner)."""
+    layers = [graph.info[n].owner or n.name for n in members if graph.info[n].kind in (Kind.CONV, Kind.LINEAR)]
+    return f"{layers[0]}..{layers[-1]}"
 
 
 def verify_merge(source: nn.Module, deployed: nn.Module, example_inputs: ExampleInputs, tolerance: float,
@@ -288,7 +332,8 @@ def _run_float64(model: nn.Module, inputs: ExampleInputs) -> Any:
 def realize(graph: Graph, plan: Plan, policy: str) -> tuple[fx.GraphModule, MergeReport]:
     """Build the deploy GraphModule described by ``plan``."""
     gm = graph.gm
-    maps = {exit_: exit_map(graph, g.entry, g.members) for exit_, g in plan.merged.items()}
+    values = constant_values(graph, plan.constants) if plan.constants else {}
+    maps = {exit_: exit_map(graph, g.entry, g.members, plan.constants, values) for exit_, g in plan.merged.items()}
     keep = {n: torch.tensor([c for c in range(maps[n].out_channels) if c not in zeros], dtype=torch.long)
             for n, zeros in plan.removed.items()}
     new_graph = fx.Graph()
@@ -309,6 +354,13 @@ def realize(graph: Graph, plan: Plan, policy: str) -> tuple[fx.GraphModule, Merg
 
     for n in gm.graph.nodes:
         info = graph.info[n]
+        if n in plan.constants or n in plan.dead:  # not computed; a constant the deploy form reads is a tensor
+            if n in plan.materialized:
+                module = _constant_layer(graph, plan, n, values[n])
+                name = add_module(n.name, module)
+                env[n] = new_graph.call_module(name, (env[plan.materialized[n][0]],))
+                report.records.append(MergeRecord(name, _replaced(graph, plan, (n,)), _layer_text(module), 0))
+            continue
         if n in plan.merged:
             group = plan.merged[n]
             module = _build(graph, group, maps[n], keep.get(group.entry), keep.get(n))
@@ -318,7 +370,7 @@ def realize(graph: Graph, plan: Plan, policy: str) -> tuple[fx.GraphModule, Merg
             name = add_module(n.name, module)
             env[n] = new_graph.call_module(name, (env[group.entry],))
             removed = maps[n].out_channels - len(keep[n]) if n in keep else 0
-            report.records.append(MergeRecord(name, [_describe(graph, m) for m in group.members],
+            report.records.append(MergeRecord(name, _replaced(graph, plan, group.members),
                                               _layer_text(module), maps[n].weight_ops, removed))
         elif n in plan.kept:
             if info.kind is Kind.IDENTITY:
@@ -349,6 +401,34 @@ def _planned_linear(graph: Graph, plan: Plan) -> set[fx.Node]:
     return cached
 
 
+def _replaced(graph: Graph, plan: Plan, nodes: tuple[fx.Node, ...]) -> list[str]:
+    """What one layer of the deploy form replaces: ``nodes``, and the constants and dead operations behind
+    them that it makes unnecessary (a constant read from its own tensor has its own record)."""
+    found = set(nodes)
+    stack = [i for n in nodes for i in graph.info[n].inputs]
+    while stack:
+        i = stack.pop()
+        if i in found or i in plan.materialized or (i not in plan.constants and i not in plan.dead):
+            continue
+        found.add(i)
+        stack.extend(graph.info[i].inputs)
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    return [_describe(graph, n) for n in sorted(found, key=order.__getitem__)]
+
+
+def _constant_layer(graph: Graph, plan: Plan, node: fx.Node, value: torch.Tensor) -> ChannelConstant:
+    """The module that gives constant ``node`` its values and shape (from the tensor it is planned to read)."""
+    source, steps = plan.materialized[node]
+    constant = plan.constants[node]
+    shape = graph.shape(source)
+    planned = None if shape is None else constant_shape(tuple(shape), steps, constant.axis, constant.channels)
+    if planned != list(graph.shape(node)):
+        raise MergeError(f"cannot give the constant {node.name} its shape from {source.name}")
+    like = next((p for p in graph.gm.parameters() if p.is_floating_point()), None)
+    dtype, device = (like.dtype, like.device) if like is not None else (torch.float32, torch.device("cpu"))
+    return ChannelConstant(value.to(dtype), constant.axis, steps).to(device)
+
+
 def _describe(graph: Graph, node: fx.Node) -> str:
     info = graph.info[node]
     return f"{info.kind.value}({info.owner or node.name})"
@@ -357,6 +437,8 @@ def _describe(graph: Graph, node: fx.Node) -> str:
 def _layer_text(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return f"Linear({module.in_features}->{module.out_features})"
+    if isinstance(module, ChannelConstant):
+        return f"ChannelConstant({module.value.numel()})"
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         k = "x".join(str(s) for s in module.kernel_size)
         g = f", groups={module.groups}" if module.groups > 1 else ""

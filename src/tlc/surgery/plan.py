@@ -8,6 +8,8 @@ spine; a dynamic programme over the spine chooses where to cut, each piece betwe
 one layer (merged) or staying as it is (residual blocks then recurse into their branches).
 
 Policies: ``"macs"`` (default) minimises multiply-accumulates, so a merge never adds MACs;
+``"latency"`` minimises the sum of the layers' measured latencies (a latency table, see
+:mod:`tlc.surgery.pricing`), so a merge is made where it pays on the clock even when it adds MACs;
 ``"always"`` minimises the number of layers (depth), subject to a size cap; ``"never"`` only folds
 batch norms and gates into their conv/linear and removes gated channels.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,10 +27,12 @@ from torch import fx
 
 from tlc.graph import Graph
 from tlc.ops import LINEAR_KINDS, Kind
-from tlc.surgery import affine
+from tlc.surgery import affine, pricing
 from tlc.surgery.affine import Infeasible, Map
+from tlc.surgery.constants import Constant, dead_nodes, find_constants, shape_steps
 
-POLICIES = ("macs", "always", "never")
+POLICIES = ("macs", "latency", "always", "never")
+POLICY_UNITS = {"macs": "MACs", "latency": "time", "always": "MACs", "never": "MACs"}  # what savings count
 MAX_MERGED_WEIGHT_NUMEL = 1 << 25
 
 
@@ -37,15 +42,22 @@ class Cost:
     weight_ops: int = 0
     elementwise: int = 0
     changes: int = 0
+    seconds: float = 0.0  # the latency table's price (latency policy only)
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.macs + other.macs, self.weight_ops + other.weight_ops,
-                    self.elementwise + other.elementwise, self.changes + other.changes)
+                    self.elementwise + other.elementwise, self.changes + other.changes, self.seconds + other.seconds)
 
-    def key(self, policy: str) -> tuple[int, ...]:
+    def key(self, policy: str) -> tuple[float, ...]:
         if policy == "always":
             return (self.weight_ops, self.macs, self.elementwise, self.changes)
+        if policy == "latency":  # ties (equal prices) broken as "macs" does
+            return (round(self.seconds, 12), self.macs, self.weight_ops, self.elementwise, self.changes)
         return (self.macs, self.weight_ops, self.elementwise, self.changes)
+
+    def amount(self, policy: str) -> float:
+        """What the policy counts savings in: seconds under "latency", MACs otherwise."""
+        return self.seconds if policy == "latency" else float(self.macs)
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,12 @@ class Plan:
     kept: set[fx.Node] = field(default_factory=set)  # linear ops kept as they are
     padding_moves: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)  # conv node -> new padding
     removed: dict[fx.Node, frozenset[int]] = field(default_factory=dict)  # merged exit -> channels dropped
+    # per-channel constants (never computed: absorbed into a bias, or read from a ChannelConstant), the
+    # operations only they read (dropped), and the constants the deploy form reads: {constant: (the tensor
+    # its shape comes from, the steps from that shape to its own)}, see :mod:`tlc.surgery.constants`
+    constants: dict[fx.Node, Constant] = field(default_factory=dict)
+    dead: set[fx.Node] = field(default_factory=set)
+    materialized: dict[fx.Node, tuple[fx.Node, tuple]] = field(default_factory=dict)
 
     def is_realized(self, node: fx.Node) -> bool:
         return node in self.merged or node in self.kept
@@ -85,11 +103,13 @@ class Planner:
     """
 
     def __init__(self, graph: Graph, policy: str = "macs", *, movable: set[fx.Node] | None = None,
-                 barriers: set[fx.Node] | None = None, max_weight_numel: int = MAX_MERGED_WEIGHT_NUMEL):
+                 barriers: set[fx.Node] | None = None, max_weight_numel: int = MAX_MERGED_WEIGHT_NUMEL,
+                 table: pricing.Prices | None = None):
         if policy not in POLICIES:
             raise ValueError(f"merge policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         self.graph = graph
         self.policy = policy
+        self.table = (table or pricing.current_table()) if policy == "latency" else None
         self.movable = movable or set()
         self.max_weight_numel = max_weight_numel
         self.nodes = list(graph.gm.graph.nodes)
@@ -98,9 +118,12 @@ class Planner:
         barriers = barriers or set()
         self.linear = {n for n in self.nodes
                        if self.info[n].kind in LINEAR_KINDS and self._analysable(n) and n not in barriers}
+        self.constants = find_constants(graph, self.linear, _zeros_of, barriers)
+        self.dead = dead_nodes(graph, self.constants)
         self.zeros = self._structural_zeros()
         self.dominators = self._dominators()
-        self.shared = self._shared_owners()
+        self.tied = self._tied_owners()
+        self.shared = self._shared_owners() | self.tied
         self._solutions: dict[tuple[fx.Node, fx.Node], _Solution | None] = {}
         self._too_big: dict[tuple[fx.Node, fx.Node], bool] = {}
         self._groups: dict[tuple[fx.Node, fx.Node], tuple[Cost, tuple[fx.Node, ...], dict, Map] | None] = {}
@@ -137,8 +160,10 @@ class Planner:
             if n not in self.linear:
                 continue
             common: frozenset[fx.Node] | None = None
-            for i in self.info[n].inputs:
-                d = dom[i] if i in self.linear else frozenset({i})
+            inputs = self.info[n].inputs
+            # a constant term is no path from an entry (a residual sum absorbs it); read otherwise, it is one
+            for i in [i for i in inputs if i not in self.constants] or inputs:
+                d = dom[i] if i in self.linear and i not in self.constants else frozenset({i})
                 common = d if common is None else common & d
             dom[n] = (common or frozenset()) | {n}
         return dom
@@ -147,6 +172,18 @@ class Planner:
         """The farthest tensor every path to ``node`` goes through: where to compute it from."""
         candidates = [d for d in self.dominators[node] if d is not node]
         return min(candidates, key=self.order.__getitem__) if candidates else None
+
+    def _tied_owners(self) -> set[str]:
+        """Layers holding a weight or bias that another layer holds too (tied weights, Layer Fusion):
+        merging one would give it its own copy, so they are kept as they are."""
+        holders: dict[int, set[str]] = {}
+        for n in self.nodes:
+            info = self.info[n]
+            if info.owner and info.kind in (Kind.CONV, Kind.LINEAR, Kind.BN):
+                for t in (info.params.get("weight"), info.params.get("bias")):
+                    if isinstance(t, torch.Tensor):
+                        holders.setdefault(id(t), set()).add(info.owner)
+        return {owner for owners in holders.values() if len(owners) > 1 for owner in owners}
 
     def _shared_owners(self) -> set[str]:
         counts: dict[str, int] = {}
@@ -164,12 +201,12 @@ class Planner:
         never all of them (a layer cannot have no channels: an all-zero output keeps its layers, unless a
         residual add makes the branch a bias, see :func:`tlc.surgery.affine.add`)."""
         zeros = self.zeros.get(node, frozenset())
-        if not zeros or not node.users:
+        if not zeros or not node.users or node in self.constants:
             return frozenset()
         for user in node.users:
             info = self.info[user]
             if info.kind not in (Kind.CONV, Kind.LINEAR) or info.input is not node or \
-                    info.params.get("groups", 1) != 1 or user not in self.linear:
+                    info.params.get("groups", 1) != 1 or user not in self.linear or info.owner in self.tied:
                 return frozenset()
         n = node
         while self.info[n].kind in (Kind.BN, Kind.SCALE, Kind.IDENTITY) and n in self.linear:
@@ -193,7 +230,8 @@ class Planner:
     # ------------------------------------------------------------------ plan
     def plan(self) -> Plan:
         plan = Plan()
-        required = [n for n in self.nodes if n in self.linear and any(u not in self.linear for u in n.users)]
+        required = [n for n in self.nodes if n in self.linear and n not in self.constants and n not in self.dead
+                    and any(u not in self.linear for u in n.users)]
         work: deque[tuple[fx.Node, fx.Node | None]] = deque((n, None) for n in required)
         while work:
             node, entry = work.popleft()
@@ -204,17 +242,40 @@ class Planner:
             solution = self.solve(entry, node) if entry is not None else None
             if solution is None:
                 plan.kept.add(node)
-                work.extend((i, None) for i in self.info[node].inputs if i in self.linear)
+                work.extend((i, None) for i in self.info[node].inputs if i in self.linear and i not in self.constants)
                 continue
             self._commit(solution, plan)
-            if entry in self.linear:
+            if entry in self.linear and entry not in self.constants:
                 work.append((entry, None))
         for exit_ in plan.merged:
             final = self._groups[(plan.merged[exit_].entry, exit_)][3]
             zeros = self.removable(exit_)
             if zeros and final.groups == 1 and final.weight_ops:
                 plan.removed[exit_] = zeros
+        self._materialize(plan)
         return plan
+
+    def _materialize(self, plan: Plan) -> None:
+        """Record the constants, the dead operations, and where the deploy form reads a constant (a kept
+        operation's input, a merged group's entry, a non-linear operation's input): those become tensors."""
+        plan.constants, plan.dead = self.constants, self.dead
+        folded = {m for g in plan.merged.values() for m in g.members}
+        read: set[fx.Node] = set()
+        for n in self.nodes:
+            if n in self.constants or n in self.dead:
+                continue
+            if n in plan.merged:
+                read.add(plan.merged[n].entry)
+            elif n in plan.kept or n not in folded:
+                read.update(n.all_input_nodes)
+        read &= self.constants.keys()
+
+        def available(n: fx.Node) -> bool:
+            if n in read or n.op == "placeholder":
+                return True
+            return n not in self.constants and n not in self.dead and (plan.is_realized(n) or n not in folded)
+
+        plan.materialized = {c: shape_steps(self.graph, c, available) for c in sorted(read, key=self.order.__getitem__)}
 
     def total_cost(self, plan: Plan) -> Cost:
         """Cost of the deploy form a plan describes (linear operations only)."""
@@ -253,22 +314,28 @@ class Planner:
     # ------------------------------------------------------------------ dynamic programme
     def between(self, start: fx.Node, end: fx.Node) -> tuple[fx.Node, ...] | None:
         """Linear nodes on the paths from ``start`` to ``end`` (``end`` included), if ``start`` feeds them all."""
+        if end in self.constants:
+            return None
         members: set[fx.Node] = set()
         stack = [end]
         while stack:
             n = stack.pop()
-            if n is start or n in members:
-                continue
+            if n is start or n in members or n in self.constants:
+                continue  # a constant is no member: a residual sum absorbs it (see below)
             if n not in self.linear:
                 return None
             members.add(n)
             stack.extend(self.info[n].inputs)
+        for n in members:
+            if self.info[n].kind is not Kind.ADD and any(i in self.constants and i is not start
+                                                         for i in self.info[n].inputs):
+                return None
         return tuple(sorted(members, key=self.order.__getitem__))
 
     def _spine(self, start: fx.Node, members: tuple[fx.Node, ...]) -> list[fx.Node]:
         dom: dict[fx.Node, frozenset[fx.Node]] = {start: frozenset({start})}
         for n in members:
-            inputs = self.info[n].inputs
+            inputs = [i for i in self.info[n].inputs if i in dom]  # not the constants a sum absorbs
             common = dom[inputs[0]]
             for i in inputs[1:]:
                 common = common & dom[i]
@@ -311,16 +378,19 @@ class Planner:
         if tuple(inputs) == (start,):
             return _Solution(self._op_cost(end), [("single", end)])
         if self.info[end].kind is Kind.ADD:
-            branches = []
+            branches, read = [], 0
             for i in inputs:
                 if i is start:
+                    continue
+                if i in self.constants:
+                    read += 1  # read from a ChannelConstant
                     continue
                 branch = self.solve(start, i)
                 if branch is None:
                     break
                 branches.append(branch)
             else:
-                total = self._op_cost(end)
+                total = self._op_cost(end) + Cost(elementwise=read)
                 for b in branches:
                     total = total + b.cost
                 return _Solution(total, [("parallel", start, end, branches)])
@@ -339,10 +409,39 @@ class Planner:
             c_in = w.shape[1] * groups - len(self.removable(info.input))
             macs = c_out * (c_in // groups if groups > 1 else c_in) * math.prod(w.shape[2:]) * \
                 self._positions(node, c_out)
-            return Cost(macs=macs, weight_ops=1)
+            return Cost(macs=macs, weight_ops=1, seconds=self._op_seconds(node, c_in))
         if info.kind is Kind.IDENTITY:
             return Cost()
-        return Cost(elementwise=1)
+        return Cost(elementwise=1, seconds=self._op_seconds(node, 0))
+
+    def _op_seconds(self, node: fx.Node, in_channels: int) -> float:
+        """The table's price of ``node`` kept as it is (``in_channels``: its input channels left)."""
+        if self.table is None:
+            return 0.0
+        info, p = self.info[node], self.info[node].params
+        source = self.graph.shape(info.input)
+        if info.kind is Kind.CONV:
+            geometry = {**p, "kernel": tuple(p["weight"].shape[2:]), "bias": p["bias"] is not None}
+            return self.table.seconds(pricing.conv_shape(source, in_channels, p["weight"].shape[0], geometry))
+        if info.kind is Kind.LINEAR:
+            return self.table.seconds(pricing.dense_shape(source, in_channels, p["weight"].shape[0],
+                                                          p["bias"] is not None))
+        kind = "add" if info.kind is Kind.ADD else "affine"
+        return self.table.seconds(pricing.elementwise_shape(kind, self.graph.shape(node)))
+
+    def _group_seconds(self, start: fx.Node, end: fx.Node, final: Map, removed_in: int, removed_out: int) -> float:
+        """The table's price of the one layer a merged group becomes."""
+        if self.table is None or final.identity:
+            return 0.0
+        source = self.graph.shape(start)
+        if final.weight_ops == 0:
+            return self.table.seconds(pricing.elementwise_shape("affine", self.graph.shape(end)))
+        out_channels = final.out_channels - removed_out
+        if final.kind == "dense":
+            return self.table.seconds(pricing.dense_shape(source, final.in_channels - removed_in, out_channels))
+        geometry = {"groups": final.groups, "kernel": final.kernel, "stride": final.stride,
+                    "padding": final.padding, "dilation": final.dilation, "bias": True}
+        return self.table.seconds(pricing.conv_shape(source, final.in_channels - removed_in, out_channels, geometry))
 
     # ------------------------------------------------------------------ one merged group
     def group(self, start: fx.Node, end: fx.Node) -> tuple[Cost, tuple[fx.Node, ...], dict, Map] | None:
@@ -359,7 +458,8 @@ class Planner:
             return None
         member_set = set(members)
         for n in members:
-            if n is not end and any(u not in member_set for u in n.users):
+            if n is not end and any(u not in member_set and u not in self.constants and u not in self.dead
+                                    for u in n.users):
                 return None
             if self.info[n].owner in self.shared:
                 return None
@@ -368,8 +468,8 @@ class Planner:
             return None
         relaxed = bool(member_set & self.movable)
         try:
-            maps = evaluate(self.graph, start, members, numeric=False, strict=not relaxed)
-            moves = padding_moves(self.graph, start, members, maps) if relaxed else {}
+            maps = evaluate(self.graph, start, members, numeric=False, strict=not relaxed, constants=self.constants)
+            moves = padding_moves(self.graph, start, members, maps, self.constants) if relaxed else {}
         except Infeasible:
             return None
         final = maps[end]
@@ -379,19 +479,22 @@ class Planner:
         if final.identity:
             cost = Cost(changes=1)
         elif final.weight_ops == 0:
-            cost = Cost(elementwise=1, changes=1)
+            cost = Cost(elementwise=1, changes=1, seconds=self._group_seconds(start, end, final, 0, 0))
         else:
-            removed_out = len(self.removable(end)) if final.groups == 1 else 0
-            cost = Cost(macs=affine.macs(final, self._positions(end, final.out_channels), len(self.removable(start)),
-                                         removed_out), weight_ops=1, changes=1)
+            removed_in, removed_out = len(self.removable(start)), len(self.removable(end)) if final.groups == 1 else 0
+            cost = Cost(macs=affine.macs(final, self._positions(end, final.out_channels), removed_in, removed_out),
+                        weight_ops=1, changes=1,
+                        seconds=self._group_seconds(start, end, final, removed_in, removed_out))
         return cost, members, moves, final
 
 
 # ============================================================================ evaluation
 
 
-def region_layout(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...]) -> tuple[str, int]:
-    """("conv", spatial dims) or ("dense", 0) for a group, or Infeasible when it mixes layouts."""
+def region_layout(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...],
+                  constant_dims: frozenset[int] = frozenset()) -> tuple[str, int]:
+    """("conv", spatial dims) or ("dense", 0) for a group, or Infeasible when it mixes layouts
+    (``constant_dims``: the channel dims, 1 or -1, of the non-zero constants it adds)."""
     shape = graph.shape(start)
     if shape is None:
         raise Infeasible("unknown shape")
@@ -409,6 +512,7 @@ def region_layout(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...]) ->
         layout = ("dense", 0)
     else:
         dims = {graph.info[n].params["channel_dim"] for n in members if graph.info[n].kind in (Kind.BN, Kind.SCALE)}
+        dims |= constant_dims
         if len(dims) > 1:
             raise Infeasible("per-channel ops on different dimensions")
         layout = ("conv", ndim - 2) if dims == {1} else ("dense", 0)
@@ -423,9 +527,15 @@ def region_layout(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...]) ->
 
 
 def evaluate(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...], *, numeric: bool,
-             strict: bool = True) -> dict[fx.Node, Map]:
-    """Maps of ``start`` and every member relative to ``start`` (members in topological order)."""
-    kind, spatial = region_layout(graph, start, members)
+             strict: bool = True, constants: Mapping[fx.Node, Constant] | None = None,
+             values: Mapping[fx.Node, torch.Tensor] | None = None) -> dict[fx.Node, Map]:
+    """Maps of ``start`` and every member relative to ``start`` (members in topological order). An input
+    that is neither is one of the per-channel ``constants`` (its float64 ``values`` in numeric mode)."""
+    constants = constants or {}
+    ndim = len(graph.shape(start) or ())
+    terms = {constants[i] for n in members for i in graph.info[n].inputs if i in constants and i is not start}
+    kind, spatial = region_layout(graph, start, members, frozenset(
+        -1 if c.axis == ndim - 1 and ndim != 2 else c.axis for c in terms if not c.is_zero))
     shape = graph.shape(start)
     channel_axis = 1 if kind == "conv" else -1
     maps: dict[fx.Node, Map] = {start: affine.identity_map(kind, int(shape[channel_axis]), spatial, numeric)}
@@ -433,6 +543,9 @@ def evaluate(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...], *, nume
     for n in members:
         info = graph.info[n]
         p = info.params
+        for i in info.inputs:
+            if i not in maps:
+                maps[i] = _constant_term(graph, i, constants, values, kind, maps[start].in_channels, spatial)
         if info.kind is Kind.CONV:
             m = affine.apply_conv(maps[info.input], p["weight"], p["bias"], p["stride"], p["padding"], p["dilation"],
                                   p["groups"], numeric=numeric, strict=strict)
@@ -458,6 +571,21 @@ def evaluate(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...], *, nume
             raise Infeasible(f"{n.name}: channel count mismatch")
         maps[n] = m
     return maps
+
+
+def _constant_term(graph: Graph, node: fx.Node, constants: Mapping[fx.Node, Constant],
+                   values: Mapping[fx.Node, torch.Tensor] | None, kind: str, entry_channels: int,
+                   spatial: int) -> Map:
+    """The constant map of a per-channel constant read inside a group (numeric when ``values`` are given)."""
+    shape = graph.shape(node)
+    axis = 1 if kind == "conv" else len(shape) - 1
+    constant = constants[node].along(axis, shape[axis]) if node in constants else None
+    if constant is None:
+        raise Infeasible(f"{node.name} is neither in the group nor a constant along its channels")
+    value = None
+    if values is not None:
+        value = values[node] if constants[node].axis == axis else torch.zeros(constant.channels, dtype=torch.float64)
+    return affine.constant_map(kind, entry_channels, constant.channels, spatial, constant.zeros, value)
 
 
 def _zeros_of(info: Any, key: str) -> frozenset[int]:
@@ -505,22 +633,29 @@ def assume_zeros(graph: Graph, recorded: dict[str, dict[str, list[int]]]) -> Non
             info.params["_zeros"] = {k: frozenset(recorded.get(node.name, {}).get(k, ())) for k in keys}
 
 
-def exit_map(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...]) -> Map:
-    """Numeric map of a group's exit. Dense groups that narrow are composed from the exit backwards,
-    which costs (exit width) x (layer sizes) instead of (entry width) x (layer sizes)."""
-    shape_maps = evaluate(graph, start, members, numeric=False)
+def exit_map(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...],
+             constants: Mapping[fx.Node, Constant] | None = None,
+             values: Mapping[fx.Node, torch.Tensor] | None = None) -> Map:
+    """Numeric map of a group's exit (``constants`` and their ``values``: the constant terms it reads).
+    Dense groups that narrow are composed from the exit backwards, which costs (exit width) x (layer
+    sizes) instead of (entry width) x (layer sizes)."""
+    shape_maps = evaluate(graph, start, members, numeric=False, constants=constants)
     final = shape_maps[members[-1]]
     if final.kind != "dense" or final.weight_ops == 0 or final.out_channels >= final.in_channels:
-        return evaluate(graph, start, members, numeric=True)[members[-1]]
-    weight, bias = _reverse_dense(graph, start, members, final.out_channels)
+        return evaluate(graph, start, members, numeric=True, constants=constants, values=values)[members[-1]]
+    inside = {start, *members}
+    terms = {n: _constant_term(graph, n, constants or {}, values or {}, "dense", final.in_channels, 0).bias
+             for n in shape_maps if n not in inside}
+    weight, bias = _reverse_dense(graph, start, members, final.out_channels, terms)
     if final.groups != 1:
         raise Infeasible("grouped dense map")
     return replace(final, weight=weight, bias=bias)
 
 
-def _reverse_dense(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...],
-                   out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of a dense group by reverse accumulation of d(exit)/d(tensor)."""
+def _reverse_dense(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...], out_features: int,
+                   terms: Mapping[fx.Node, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a dense group by reverse accumulation of d(exit)/d(tensor) (``terms``: the
+    values of the constants it adds)."""
     sens: dict[fx.Node, torch.Tensor] = {members[-1]: torch.eye(out_features, dtype=torch.float64)}
     bias = torch.zeros(out_features, dtype=torch.float64)
 
@@ -546,28 +681,37 @@ def _reverse_dense(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...],
             push(info.input, g)
         elif info.kind is Kind.ADD:
             for i in info.inputs:
-                push(i, g)
+                if i in terms:
+                    bias += g @ terms[i]
+                else:
+                    push(i, g)
         else:
             raise Infeasible(f"{n.name} is not linear")
     return sens[start], bias
 
 
-def padding_moves(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...],
-                  maps: dict[fx.Node, Map]) -> dict[fx.Node, tuple[int, ...]]:
+def padding_moves(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...], maps: dict[fx.Node, Map],
+                  constants: Mapping[fx.Node, Constant] | None = None) -> dict[fx.Node, tuple[int, ...]]:
     """New paddings that make a group exact: each conv's padding moves onto the first conv of its path.
 
     Works backwards from the exit: a conv whose input is not zero-preserving asks its input for
-    ``padding + stride * extension`` extra border positions and pads nothing itself.
+    ``padding + stride * extension`` extra border positions and pads nothing itself. A constant term
+    (one of ``constants``) asked for border positions grows where it stays constant (:func:`_grow`).
     """
     end = members[-1]
     spatial = len(maps[end].kernel)
     need: dict[fx.Node, tuple[int, ...]] = {end: (0,) * spatial}
     moves: dict[fx.Node, tuple[int, ...]] = {}
+    grown: dict[fx.Node, tuple[int, ...]] = {}
+    member_set = set(members)
 
     def ask(node: fx.Node, extension: tuple[int, ...]) -> None:
         if node is start:
             if any(extension):
                 raise Infeasible("padding would have to move before the segment's entry")
+            return
+        if node not in member_set and constants and node in constants:
+            _grow(graph, node, extension, constants, grown, moves)
             return
         if need.setdefault(node, extension) != extension:
             raise Infeasible("branches of the segment need different padding")
@@ -593,6 +737,31 @@ def padding_moves(graph: Graph, start: fx.Node, members: tuple[fx.Node, ...],
             for i in info.inputs:
                 ask(i, extension)
     return moves
+
+
+def _grow(graph: Graph, node: fx.Node, extension: tuple[int, ...], constants: Mapping[fx.Node, Constant],
+          grown: dict[fx.Node, tuple[int, ...]], moves: dict[fx.Node, tuple[int, ...]]) -> None:
+    """Make constant ``node`` larger by ``extension`` on each side: the conv that reads a tensor 0
+    everywhere pads more (zero padding of 0 keeps it constant), the operations after it follow."""
+    if not any(extension):
+        return
+    if grown.setdefault(node, extension) != extension or len(node.users) != 1:
+        raise Infeasible("a constant read at several places cannot grow")
+    info = graph.info[node]
+    source = info.inputs[0]
+    if info.kind is Kind.ADD:
+        for i in info.inputs:
+            _grow(graph, i, extension, constants, grown, moves)
+    elif info.kind is Kind.CONV and conv_module_path(graph, node) is not None:
+        wanted = tuple(p + s * e for p, s, e in zip(info.params["padding"], info.params["stride"], extension))
+        if constants[source].is_zero:
+            moves[node] = wanted
+        else:  # a constant conv that reads a non-zero constant does not pad: its input grows instead
+            _grow(graph, source, wanted, constants, grown, moves)
+    elif info.kind in (Kind.BN, Kind.SCALE, Kind.IDENTITY, Kind.SITE) and source in constants:
+        _grow(graph, source, extension, constants, grown, moves)
+    else:
+        raise Infeasible(f"{node.name}: a constant that cannot grow (the padding would move before it)")
 
 
 def conv_module_path(graph: Graph, node: fx.Node) -> str | None:

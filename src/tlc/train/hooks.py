@@ -6,7 +6,7 @@ a penalty on learned activation slopes) or re-applying the weight masks of unstr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from tlc.errors import SpecError
 
 LossHook = Callable[[nn.Module, ExampleInputs, torch.Tensor, torch.Tensor], torch.Tensor | None]
 StepHook = Callable[[nn.Module], None]
+ParamLrHook = Callable[[nn.Module], Mapping[str, float]]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class FitHooks:
     `after_step(model)` runs after every optimizer and scheduler step, under ``torch.no_grad()``, e.g.
     to multiply pruned weights by their masks again. It must act identically on every rank.
 
+    `param_lr(model)` gives some parameters (by name) a learning rate of their own, scheduled like the
+    others: a handful of learned slopes that must travel from 0 to 1 cannot at a fine-tuning rate of 2e-5.
+
     Hooks are code, not settings: they are not part of a checkpoint's identity, so a resumed run must
     be given the same hooks as the interrupted one to end with the same weights. Random draws in them
     come from torch's global RNG, which `fit` reseeds each epoch, so they are reproduced on resume.
@@ -42,9 +46,10 @@ class FitHooks:
 
     loss: LossHook | None = None
     after_step: StepHook | None = None
+    param_lr: ParamLrHook | None = None
 
     def __post_init__(self) -> None:
-        for name in ("loss", "after_step"):
+        for name in ("loss", "after_step", "param_lr"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise SpecError(f"FitHooks.{name}={getattr(self, name)!r} is not callable (or None)")
 
@@ -61,6 +66,17 @@ class FitHooks:
             shape = tuple(term.shape) if isinstance(term, torch.Tensor) else type(term).__name__
             raise SpecError(f"FitHooks.loss must return a scalar tensor or None, got {shape}")
         return term.float().reshape(())
+
+    def own_lr(self, model: nn.Module) -> dict[str, float]:
+        """{parameter name: its learning rate} from the `param_lr` hook (empty without one), checked."""
+        if self.param_lr is None:
+            return {}
+        rates = dict(self.param_lr(model))
+        names = {name for name, _ in model.named_parameters()}
+        for name, lr in rates.items():
+            if name not in names or not isinstance(lr, int | float) or not lr > 0:
+                raise SpecError(f"FitHooks.param_lr: {name!r}: {lr!r} must be a parameter of the model and a lr > 0")
+        return rates
 
     def step_done(self, model: nn.Module) -> None:
         """Run the `after_step` hook (if any) without recording gradients."""

@@ -221,7 +221,7 @@ class _Run:
         if teacher is not None:
             teacher.to(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(model, config)
+        self.optimizer = build_optimizer(model, config, self.hooks.own_lr(model))
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.amp_dtype = _amp_dtype(config.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)

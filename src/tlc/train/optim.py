@@ -9,6 +9,7 @@ as an uninterrupted one. With ``T`` steps in the run and ``W`` warmup steps, ste
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import partial
 
 from torch import nn
@@ -19,14 +20,20 @@ from tlc.errors import SpecError
 from tlc.train.config import FitConfig
 
 
-def build_optimizer(model: nn.Module, config: FitConfig) -> Optimizer:
-    """SGD (with momentum) or AdamW over the parameters that require grad; frozen ones are left out."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def build_optimizer(model: nn.Module, config: FitConfig, own_lr: Mapping[str, float] | None = None) -> Optimizer:
+    """SGD (with momentum) or AdamW over the parameters that require grad; frozen ones are left out.
+    ``own_lr`` gives the named parameters a learning rate of their own (one group per rate, after the rest)."""
+    own_lr = own_lr or {}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise SpecError("the model has no parameter that requires grad: there is nothing to fine-tune")
+    groups: list[dict] = [{"params": [p for n, p in named if n not in own_lr], "lr": config.lr}]
+    for lr in sorted(set(own_lr.values())):
+        groups.append({"params": [p for n, p in named if own_lr.get(n) == lr], "lr": lr})
+    groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
-        return SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, config: FitConfig) -> float:
