@@ -70,7 +70,11 @@ def _ratio(row: dict[str, Any] | None) -> str:
 def headline_lines(summaries: list[dict[str, Any]]) -> list[str]:
     """One row per compression benchmark: its default (or only) run against the original and against the
     original with its batch norms folded, eager batch 1, measured side by side."""
-    lines = ["| benchmark | method (preset) | top-1 original -> compressed | depth | MACs | eager b1 vs original "
+    lines = ["Each benchmark's default run (or its only one): test top-1 before and after, depth, MACs reduction, "
+             "and the batch-1 eager latency ratio against the original and against the original with only its "
+             "batch norms folded, measured side by side (median of interleaved rounds, their quartiles in "
+             "brackets). Details and every other run below.", "",
+             "| benchmark | method (preset) | top-1 original -> compressed | depth | MACs | eager b1 vs original "
              "| eager b1 vs BN-folded original |", "|---|---|---|---|---|---|---|"]
     for summary in summaries:
         runs = summary.get("runs") or {}

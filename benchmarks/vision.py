@@ -17,6 +17,7 @@ Running one preset updates only its entry in the results JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -35,6 +36,7 @@ from common import (
     write_summary,
 )
 
+from tlc.methods.base import method_class, parse_setting
 from tlc.train import DistillConfig, FitConfig
 from tlc.zoo.data import load_data
 from tlc.zoo.models import build_model
@@ -65,7 +67,13 @@ def configs(args: argparse.Namespace) -> dict[str, Setup]:
         if getattr(paper.method, "train_first", None):  # the paper's training before the first step, shortened too
             paper.method.train_first = paper_epochs
     chosen = {"default": default, "paper": paper}
-    return chosen if args.preset == "both" else {args.preset: chosen[args.preset]}
+    chosen = chosen if args.preset == "both" else {args.preset: chosen[args.preset]}
+    for setup in chosen.values():
+        for text in args.set:
+            key, value = parse_setting(method_class(args.method), text)
+            target = setup.method if key in {f.name for f in dataclasses.fields(setup.method)} else setup.run
+            setattr(target, key, value)
+    return chosen
 
 
 def main() -> None:
@@ -75,6 +83,8 @@ def main() -> None:
     parser.add_argument("--width", type=float, help="width (resnet18/vgg16_bn) or width_mult (mobilenet_v2)")
     parser.add_argument("--method", default="tlc", help="a registered method (tlc, lacoot, ...); other than tlc, "
                         "its runs and results are named with -<method> before --tag")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the method or of the run for every preset run (repeatable)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--finetune-lr", type=float, default=0.01, help="default preset's fine-tuning lr (cosine)")
     parser.add_argument("--paper-finetune-epochs", type=float, help="paper preset's fine-tuning epochs per step "

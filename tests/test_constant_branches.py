@@ -92,7 +92,7 @@ class _Chain(nn.Module):
 
 
 @pytest.mark.parametrize("policy", ["macs", "never"])
-def test_the_layers_in_front_of_an_all_off_site_are_dropped_and_padding_stays_exact(policy):
+def test_the_layers_in_front_of_an_all_off_site_are_dropped_and_padding_stays_exact(policy, tmp_path):
     """r1 all off: c2(0) -> b2 -> r2 is a per-channel constant c, read from a ChannelConstant; c1 and c2
     never run. c3 zero-pads c, so its border outputs differ from its inner ones: c3 stays a conv."""
     torch.manual_seed(0)
@@ -106,6 +106,11 @@ def test_the_layers_in_front_of_an_all_off_site_are_dropped_and_padding_stays_ex
     assert len(constants) == 1 and constants[0].value.numel() == 8
     assert any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.padding == (1, 1) for m in dep.modules())
 
+    if policy == "macs":  # exported with a dynamic batch, checked by ONNX Runtime on another batch size too
+        pytest.importorskip("onnxruntime")
+        from tlc.io.export import export_onnx
+
+        export_onnx(dep, x, tmp_path / "chain.onnx")
     seen = {}
     lin.c3.register_forward_hook(lambda m, i, o: seen.update(c3=o))
     lin(y)  # the padded conv of a constant: borders differ, so treating it as constant would be wrong
