@@ -36,4 +36,5 @@ $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epoch
 $PY benchmarks/latency_policy.py --threads 1 --models tlc:cifar_resnet18 tlc:cifar_mobilenet_v2 tlc:cifar_vgg16_bn torchvision:resnet50 torchvision:mobilenet_v2 hf:bert-tiny
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --method lacoot --preset default --threads 1
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --paper-finetune-epochs 5 --method lacoot --preset paper --threads 1
+$PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --method lacoot --preset default --set train_first=2 --tag=-tf2 --threads 1
 $PY benchmarks/results.py
