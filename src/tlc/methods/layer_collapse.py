@@ -155,11 +155,31 @@ def learnable_step(model: nn.Module, exclude: Sequence[str], threshold: float, r
     return main
 
 
+class LearnableActivationMethod(Method):
+    """What LayerCollapse and Layer Folding share: the steps of :func:`learnable_step` (``verb``: what the
+    paper calls a snap), ``none_chosen`` (why :meth:`prepare` made nothing learnable) and the learnable
+    parameters' own learning rate (``config.param_lr``)."""
+
+    verb = ""
+    none_chosen: str | None = None
+
+    def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
+        config = self.config
+        return learnable_step(model, exclude, config.threshold, config.rounds, config.patience, run.config.policy,
+                              self.verb, self.none_chosen)
+
+    def param_lr(self, model: nn.Module) -> dict[str, float]:
+        """The learnable parameters at ``param_lr``: at a transformer's fine-tuning rate (2e-5) they would
+        hardly move in an epoch."""
+        return learnable_lr(model, self.config.param_lr)
+
+
 @register_method
-class LayerCollapse(Method):
+class LayerCollapse(LearnableActivationMethod):
     """LayerCollapse on the method protocol: PReLU slopes trained towards 1, collapsed once near it."""
 
     name = "layer_collapse"
+    verb = "collapse"
     Config = LayerCollapseConfig
     presets = {"default": {}, "paper": PAPER}
 
@@ -185,19 +205,10 @@ class LayerCollapse(Method):
         run.log(f"layer_collapse: {', '.join(chosen)} made PReLUs (slope {config.init:g})")
         return [MakeLearnable(tuple(chosen), "prelu", config.init)]
 
-    def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
-        config = self.config
-        return learnable_step(model, exclude, config.threshold, config.rounds, config.patience, run.config.policy,
-                              "collapse", getattr(self, "none_chosen", None))
-
     def loss(self, model: nn.Module, inputs: Any, labels: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
         """``lc * sum (alpha - 1)^2`` over the model's PReLU sites still regularized."""
         return regularizer(model, self.config.lc, PReLUActivation)
 
-    def param_lr(self, model: nn.Module) -> dict[str, float]:
-        """The slopes at ``param_lr``: at a transformer's fine-tuning rate (2e-5) they would hardly move."""
-        return learnable_lr(model, self.config.param_lr)
 
-
-__all__ = ["PAPER", "LayerCollapse", "LayerCollapseConfig", "between_fc_layers", "check_learnable_settings",
-           "learnable_lr", "learnable_step", "merge_savings", "none_paying"]
+__all__ = ["PAPER", "LayerCollapse", "LayerCollapseConfig", "LearnableActivationMethod", "between_fc_layers",
+           "check_learnable_settings", "learnable_lr", "learnable_step", "merge_savings", "none_paying"]

@@ -13,7 +13,6 @@ with the regularizer, folds once and fine-tunes without it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +20,11 @@ import torch
 from torch import nn
 
 from tlc.edits import Edit
-from tlc.graph import Graph, trace
-from tlc.methods.base import Method, Proposal, register_method
+from tlc.graph import trace
+from tlc.methods.base import register_method
 from tlc.methods.layer_collapse import (
+    LearnableActivationMethod,
     check_learnable_settings,
-    learnable_lr,
-    learnable_step,
     merge_savings,
     none_paying,
 )
@@ -65,10 +63,11 @@ PAPER: dict[str, Any] = dict(init=0.0, paying_only=False, rounds=1, finetune=PAP
 
 
 @register_method
-class LayerFolding(Method):
+class LayerFolding(LearnableActivationMethod):
     """Layer Folding on the method protocol: every site mixed with the identity, folded once linear."""
 
     name = "layer_folding"
+    verb = "fold"
     Config = LayerFoldingConfig
     presets = {"default": {}, "paper": PAPER}
 
@@ -87,18 +86,9 @@ class LayerFolding(Method):
         run.log(f"layer_folding: {len(names)} site(s) mixed with the identity (a = {self.config.init:g})")
         return [MakeLearnable(tuple(names), "mix", self.config.init)]
 
-    def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
-        config = self.config
-        return learnable_step(model, exclude, config.threshold, config.rounds, config.patience, run.config.policy,
-                              "fold", getattr(self, "none_chosen", None))
-
     def loss(self, model: nn.Module, inputs: Any, labels: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
         """``lambda_reg * sum |1 - a^2|`` over the model's mix sites still regularized."""
         return regularizer(model, self.config.lambda_reg, MixActivation)
-
-    def param_lr(self, model: nn.Module) -> dict[str, float]:
-        """The mix parameters at ``param_lr``: at a transformer's fine-tuning rate they would hardly move."""
-        return learnable_lr(model, self.config.param_lr)
 
     def after_step(self, model: nn.Module) -> None:
         """Every ``a`` back into [0, 1] after each optimizer step."""
