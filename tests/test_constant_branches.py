@@ -177,3 +177,33 @@ def test_moving_padding_across_a_sum_grows_its_constant_term_exactly():
     y = torch.randn(3, 3, 13, 11)
     assert rel_err(lin(y), dep(y)) <= 1e-5
     assert weight_layers(dep) == 2  # c0, and c3 with the projection and the branch's constant folded in
+
+
+def test_a_site_behind_an_all_off_site_is_dead_and_tlc_does_not_propose_it(monkeypatch):
+    """The second site of an inverted residual all off: the expand layers and the first site feed only the
+    constant, the deploy form drops them, so collapsing the first site would change nothing."""
+    import tlc.methods.tlc as tlc_method
+    from tlc.graph import trace
+    from tlc.methods.base import build_configs
+    from tlc.run.config import RunContext
+    from tlc.surgery.plan import dead_sites
+
+    torch.manual_seed(0)
+    block = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 1), InvertedResidual(8, 8, 1, 4), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    names = [s.name for s in tlc.find_sites(block, x)]
+    first, second = names[0], names[1]
+    lin = _all_off(block, x, second)
+    assert dead_sites(trace(block, x)) == set() and dead_sites(trace(lin, x)) == {first}
+    seen = {}
+
+    def capture(*args, exclude=(), **kwargs):
+        seen["exclude"] = list(exclude)
+        raise tlc_method.NoCandidate("captured")
+
+    monkeypatch.setattr(tlc_method, "select", capture)
+    run, own = build_configs(tlc_method.TLC)
+    context = RunContext(run, x, [], None, None, None, torch.device("cpu"), progress=False)
+    with pytest.raises(tlc_method.NoCandidate):
+        tlc_method.TLC(own).propose(lin, trace(lin, x), context, ["elsewhere"])
+    assert seen["exclude"] == ["elsewhere", first]

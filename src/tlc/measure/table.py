@@ -57,6 +57,7 @@ MIN_FIT_POINTS = 4  # conv/dense entries the fit needs for its intercept (else: 
 BUDGET_S = 0.2  # wall time one measurement aims at (warm-up and timed calls; large layers take longer)
 MIN_REPEATS = 5
 _FORMAT = 1
+PROTOCOL = "rotating-16MB"  # how eager layers are timed (LatencyTable._measure): another protocol, another file
 _BYTES_PER_ELEMENT = 4  # layers are measured in float32
 _SAVE_EVERY_S = 5.0
 
@@ -438,11 +439,21 @@ class LatencyTable:
 
     # ------------------------------------------------------------------ measuring
     def _measure(self, shape: LayerShape) -> float:
-        """Median seconds of one call of ``shape``, timed under the table's conditions."""
+        """Median seconds of one call of ``shape``, timed under the table's conditions. Eager calls rotate
+        over copies of the layer and its inputs (:data:`ROTATION_BYTES` in all): in a network a layer's
+        weights and input come from memory, not from the cache its previous call left them in."""
         layer, inputs = build_layer(shape, self.batch_size, self.device)
         if self.backend == "eager":
+            copies = [(layer, inputs)] + [build_layer(shape, self.batch_size, self.device)
+                                          for _ in range(_rotation(shape, self.batch_size) - 1)]
+            turn = itertools.cycle(copies)
+
+            def call() -> Any:
+                module, args = next(turn)
+                return module(*args)
+
             with torch_threads(self.threads), torch.inference_mode():
-                return self._time(lambda: layer(*inputs), str(self.device))
+                return self._time(call, str(self.device))
         with tempfile.TemporaryDirectory(prefix="tlc-latency-") as tmp:
             path = _export_layer(layer, inputs, Path(tmp) / "layer.onnx")
             fn, _, clock = make_runner(layer, inputs, backend="onnxruntime", device=self.device,
@@ -471,6 +482,16 @@ CALIBRATION: tuple[LayerShape, ...] = (
     LayerShape("dense", (512,), 512),
     LayerShape("dense", (16, 256), 256),
 )
+
+
+ROTATION_BYTES = 1 << 24  # more than the caches one layer's weights and input could stay in between two calls
+MAX_COPIES = 16
+
+
+def _rotation(shape: LayerShape, batch_size: int) -> int:
+    """How many copies of a layer eager timing rotates over (1 for a layer that alone exceeds the budget)."""
+    size = 4 * (shape.weight_numel() + batch_size * math.prod(shape.input) * (2 if shape.kind == "add" else 1))
+    return max(1, min(MAX_COPIES, ROTATION_BYTES // max(size, 1)))
 
 
 def _fits(shape: LayerShape, batch_size: int) -> bool:
@@ -621,7 +642,8 @@ def _conditions(backend: str, device: torch.device, batch_size: int, threads: in
 
         ort = require("onnxruntime").__version__
     return {"device": device_name(device), "device_type": device.type, "backend": backend,
-            "batch_size": batch_size, "threads": threads, "torch": torch.__version__, "onnxruntime": ort}
+            "batch_size": batch_size, "threads": threads, "torch": torch.__version__, "onnxruntime": ort,
+            "protocol": PROTOCOL}
 
 
 def _file_name(conditions: dict[str, Any]) -> str:

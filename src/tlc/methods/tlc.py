@@ -26,7 +26,7 @@ from tlc.graph import Graph, trace
 from tlc.methods.base import PAPER_RETRAINING, Method, NoCandidate, Proposal, register_method
 from tlc.run.config import RunContext
 from tlc.surgery.linearize import gate_nodes, linearize
-from tlc.surgery.plan import Planner
+from tlc.surgery.plan import Planner, dead_sites
 from tlc.surgery.pricing import activation_shape, measure_first, resolve
 
 RULES = ("tolerance", "official")
@@ -291,8 +291,10 @@ class TLC(Method):
     presets = {"default": {}, "paper": PAPER}
 
     def propose(self, model: nn.Module, graph: Graph, run: RunContext, exclude: Sequence[str]) -> Proposal:
+        """The best sites by loss gap (and saving); a site the deploy form no longer computes is no candidate."""
+        exclude = [*exclude, *sorted(dead_sites(graph))]
         selection = select(model, graph, run.calibration, run.example_inputs, self.config, progress=run.progress,
-                               exclude=exclude, policy=run.config.policy)
+                           exclude=exclude, policy=run.config.policy)
         proposal = _proposal(selection, run.config.policy)
         single = selection.first_unit()
         if len(single.sites) < len(selection.sites):

@@ -601,6 +601,13 @@ def _zeros_of(info: Any, key: str) -> frozenset[int]:
 _ZERO_KEYS = {Kind.BN: ("scale", "shift"), Kind.SCALE: ("scale",)}
 
 
+def dead_sites(graph: Graph) -> set[str]:
+    """The sites whose output only per-channel constants read (behind an all-off site of the same branch,
+    say): the deploy form does not compute them, so collapsing them changes nothing."""
+    dead = Planner(graph).dead
+    return {site.name for site in graph.sites if graph.site_node(site) in dead}
+
+
 def value_zeros(graph: Graph) -> dict[str, dict[str, list[int]]]:
     """The zero channels of every per-channel op's parameters, by node name (non-empty ones only).
 
