@@ -173,6 +173,15 @@ class LearnableActivationMethod(Method):
         hardly move in an epoch."""
         return learnable_lr(model, self.config.param_lr)
 
+    def made_learnable(self, run: RunContext, chosen: Sequence[str], candidates: int, what: str, made: str,
+                       form: str) -> list[Edit]:
+        """The prepare edit making ``chosen`` learnable activations of ``form`` (logged as ``made``); with none
+        chosen out of ``candidates`` ``what``s, why (kept as the run's stop reason) and no edit."""
+        self.none_chosen = None if chosen else none_paying(what, candidates, self.config.paying_only,
+                                                           run.config.policy)
+        run.log(f"{self.name}: {self.none_chosen or made}")
+        return [MakeLearnable(tuple(chosen), form, self.config.init)] if chosen else []
+
 
 @register_method
 class LayerCollapse(LearnableActivationMethod):
@@ -197,13 +206,8 @@ class LayerCollapse(LearnableActivationMethod):
         else:
             ranked = sorted(names, key=lambda n: (-savings[n], -order[n]))
         chosen = sorted(ranked[:math.ceil(config.fraction * len(ranked))], key=order.__getitem__)
-        self.none_chosen = None if chosen else none_paying(
-            "activation between two fully connected layers", len(between), config.paying_only, run.config.policy)
-        if not chosen:
-            run.log(f"layer_collapse: {self.none_chosen}")
-            return []
-        run.log(f"layer_collapse: {', '.join(chosen)} made PReLUs (slope {config.init:g})")
-        return [MakeLearnable(tuple(chosen), "prelu", config.init)]
+        return self.made_learnable(run, chosen, len(between), "activation between two fully connected layers",
+                                   f"{', '.join(chosen)} made PReLUs (slope {config.init:g})", "prelu")
 
     def loss(self, model: nn.Module, inputs: Any, labels: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
         """``lc * sum (alpha - 1)^2`` over the model's PReLU sites still regularized."""

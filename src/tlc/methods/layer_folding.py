@@ -26,10 +26,9 @@ from tlc.methods.layer_collapse import (
     LearnableActivationMethod,
     check_learnable_settings,
     merge_savings,
-    none_paying,
 )
 from tlc.run.config import RunContext
-from tlc.surgery.learnable import MakeLearnable, MixActivation, learnable_modules, regularizer
+from tlc.surgery.learnable import MixActivation, learnable_modules, regularizer
 from tlc.train import FitConfig
 
 
@@ -78,13 +77,8 @@ class LayerFolding(LearnableActivationMethod):
         if self.config.paying_only:
             savings = merge_savings(model, graph, names, run)
             names = [n for n in names if savings[n] > 0]
-        self.none_chosen = None if names else none_paying("activation site", len(every), self.config.paying_only,
-                                                          run.config.policy)
-        if not names:
-            run.log(f"layer_folding: {self.none_chosen}")
-            return []
-        run.log(f"layer_folding: {len(names)} site(s) mixed with the identity (a = {self.config.init:g})")
-        return [MakeLearnable(tuple(names), "mix", self.config.init)]
+        return self.made_learnable(run, names, len(every), "activation site",
+                                   f"{len(names)} site(s) mixed with the identity (a = {self.config.init:g})", "mix")
 
     def loss(self, model: nn.Module, inputs: Any, labels: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor | None:
         """``lambda_reg * sum |1 - a^2|`` over the model's mix sites still regularized."""
