@@ -261,6 +261,33 @@ def swin_section(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def methods_lines(items: list[dict[str, Any]], out: Path) -> list[str]:
+    """The "Methods side by side" section: each ``benchmarks/methods.py`` table and its Pareto plot."""
+    from tlc.report.benchmark import markdown_benchmark
+
+    if not items:
+        return []
+    lines = ["", "## Methods side by side", "",
+             "`benchmarks/methods.py` (`tlc benchmark`): every method's default preset on the same base, with the "
+             "same budget, fine-tuning recipe, epochs per step and step limit, and Torch-Pruning's width pruning "
+             "matched to the MACs of the best depth result; all timed side by side in one interleaved session. "
+             "Speed-ups: latency of the original / of the model, median of the per-round ratios (quartiles); "
+             "\"vs BN-folded\": against the original with its batch norms folded.", ""]
+    for item in items:
+        summary, args = item["benchmark"], item["args"]
+        timing = summary["timing"]
+        lines += [f"### {item['name']}", "",
+                  f"`python benchmarks/methods.py --model {args['model']}` — fine-tuning "
+                  f"{summary['settings']['run']['finetune']['epochs']:g} epoch(s) per step, at most "
+                  f"{args['max_steps']} steps, budget {args['max_acc_drop']:g} pt; timed at {timing['threads']} "
+                  f"thread(s), {timing['rounds']} rounds of {timing['burst']} calls.", "",
+                  markdown_benchmark(summary["rows"]), ""]
+        plot = out / "img" / f"{item['name']}.png"
+        if plot.is_file():
+            lines += [f"![{item['name']}]({os.path.relpath(plot, out)})", ""]
+    return lines
+
+
 def machine_line(summaries: list[dict[str, Any]]) -> str:
     """The machine the summaries were measured on, with the torch threads of each benchmark when they differ."""
     machine = summaries[0]["machine"]
@@ -274,7 +301,9 @@ def machine_line(summaries: list[dict[str, Any]]) -> str:
 
 def render(results: Path, out: Path) -> str:
     everything = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
-    summaries = [s for s in everything if "stability" not in s and "finetune_alone" not in s and "policy" not in s]
+    methods = [s for s in everything if "benchmark" in s]
+    summaries = [s for s in everything if "stability" not in s and "finetune_alone" not in s and "policy" not in s
+                 and "benchmark" not in s]
     policy = [s for s in everything if "policy" in s]
     stability = [s for s in everything if "stability" in s]
     alone = [s for s in everything if "finetune_alone" in s]
@@ -351,7 +380,45 @@ def render(results: Path, out: Path) -> str:
             lines += swin_section(summary)
     for item in policy:
         lines += latency_policy_lines(item)
+    lines += methods_lines(methods, out)
+    lines += distributed_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def distributed_lines(results: Path) -> list[str]:
+    """"Many processes": TLC's ranking and one fine-tuning timed with 1 and N CPU processes under torchrun
+    (benchmarks/distributed.py), and the accuracy a fine-tuning reaches with each."""
+    path = results / "distributed-scaling.json"
+    if not path.is_file():
+        return []
+    item = json.loads(path.read_text())
+    lines = ["", "## Many processes", "",
+             "`tlc compress`'s ranking and fine-tuning under torchrun (gloo, one torch thread per process): one TLC "
+             "ranking of the base model (median of repeats) and one fine-tuning epoch (global batch 64), each as "
+             "wall seconds on rank 0 between barriers and as CPU seconds of the busiest process (the wall time on "
+             "idle cores: the machine's cores were shared with other work, load average in the JSON), with the "
+             "validation top-1 the fine-tuning reaches. The sites every process count selects are compared with "
+             "one process; with one process the fine-tuning is repeated with another seed, the spread that a "
+             "change of the number of processes is to be compared with.", "", "```bash", item["command"], "```", "",
+             "| model | processes | ranking wall (s) | ranking CPU (s) | speed-up (CPU) | fine-tuning wall (s) "
+             "| fine-tuning CPU (s) | speed-up (CPU) | val top-1 after fine-tuning | selected sites |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, rows in item["distributed"].items():
+        one = rows.get("1")
+        for n, row in rows.items():
+            rank, fit = row["ranking_median"], row["finetune"][0]
+            base_rank, base_fit = (one or row)["ranking_median"], (one or row)["finetune"][0]
+            same = one is not None and row["selected"] == one["selected"]
+            lines.append(f"| {model} | {n} | {rank['wall_s']:.2f} | {rank['cpu_s']:.2f} | "
+                         f"x{base_rank['cpu_s'] / rank['cpu_s']:.2f} | {fit['wall_s']:.1f} | {fit['cpu_s']:.1f} | "
+                         f"x{base_fit['cpu_s'] / fit['cpu_s']:.2f} | {100 * fit['val_accuracy']:.2f}% | "
+                         f"{'the same as 1 process' if same else ', '.join(row['selected'])} |")
+        if one is not None and len(one["finetune"]) > 1:
+            a, b = one["finetune"][:2]
+            change = 100 * (b["val_accuracy"] - a["val_accuracy"])
+            lines.append(f"| {model} | 1, seed {b['seed']} | | | | {b['wall_s']:.1f} | {b['cpu_s']:.1f} | | "
+                         f"{100 * b['val_accuracy']:.2f}% ({change:+.2f} pt) | |")
+    return lines
 
 
 def main() -> None:

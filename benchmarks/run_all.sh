@@ -37,4 +37,9 @@ $PY benchmarks/latency_policy.py --threads 1 --models tlc:cifar_resnet18 tlc:cif
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --method lacoot --preset default --threads 1
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --paper-finetune-epochs 5 --method lacoot --preset paper --threads 1
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --method lacoot --preset default --set train_first=2 --tag=-tf2 --threads 1
+# every method side by side, with Torch-Pruning's width pruning at the MACs of the best depth result: compressed
+# at one thread beside other work, then timed again (--resume times only) at two threads on the quiet machine
+$PY benchmarks/methods.py --model resnet18 --baseline torch-pruning --threads 1
+$PY benchmarks/methods.py --model resnet18 --baseline torch-pruning --threads 2 --resume
+OMP_NUM_THREADS=1 $PY benchmarks/distributed.py --repeats 2
 $PY benchmarks/results.py

@@ -1,4 +1,4 @@
-"""Command line: ``tlc compress | demo | report | export``.
+"""Command line: ``tlc compress | benchmark | demo | report | export``.
 
 Bad options, specs, missing files and mismatches print one ``tlc: error: ...`` line and exit with status
 2 (the options of ``compress`` are checked before any work starts); an interrupted run prints how to
@@ -26,6 +26,15 @@ def _add_compress_options(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--preset", default="default", help="the method's named settings (default, paper, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                    help="one setting of the method or of the run (repeatable), e.g. --set gap_tolerance=0.1")
+    _add_run_options(p)
+    p.add_argument("--latency-batch-sizes", type=int, nargs="+", default=[1], metavar="B")
+    p.add_argument("--onnx-latency", action="store_true", help="also time ONNX Runtime")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The settings of a run that every method shares (budget, stopping, fine-tuning, merge, device)."""
     p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="POINTS",
                    help="accuracy budget: points of validation accuracy the result may lose (default 1.0)")
     p.add_argument("--max-steps", type=int, help="stop after this many compression steps")
@@ -49,10 +58,6 @@ def _add_compress_options(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--latency-batch-sizes", type=int, nargs="+", default=[1], metavar="B")
-    p.add_argument("--onnx-latency", action="store_true", help="also time ONNX Runtime")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _method_named(argv: list[str]) -> str:
@@ -83,30 +88,56 @@ def _method_help(name: str) -> str:
     return "\n".join(lines)
 
 
-def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """What names the trained model and its data (compress and benchmark)."""
     from tlc.zoo.data import DATA_SPECS
 
+    p.add_argument("--model", required=True,
+                   help="torchvision:NAME | timm:NAME | hf:PATH | tlc:NAME | py:FILE.py:FUNCTION")
+    p.add_argument("--data", required=True, help="\n".join(f"{k}: {v}" for k, v in DATA_SPECS.items()))
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--weights", help="trained weights: .safetensors or a state_dict file (loaded weights_only)")
+    p.add_argument("--num-classes", type=int, help="classes of the model's head (default: from the data)")
+    p.add_argument("--train-epochs", type=float, default=0.0,
+                   help="train the model this many epochs before compressing (for models without weights)")
+
+
+def _add_benchmark_parser(sub: Any) -> None:
+    b = sub.add_parser("benchmark", help="every method on one model, side by side (and a width-pruning baseline)",
+                       formatter_class=argparse.RawTextHelpFormatter)
+    _add_model_options(b)
+    b.add_argument("--methods", nargs="+", metavar="NAME[:PRESET]",
+                   help="the methods to compare (default: every registered method, default preset), e.g. "
+                        "tlc easier lacoot:paper")
+    b.add_argument("--baseline", nargs="+", default=[], metavar="NAME",
+                   choices=["torch-pruning", "torch-pruning-taylor"],
+                   help="width-pruning baselines through Torch-Pruning (pip install 'tlc[peers]'), pruned to the MACs\n"
+                        "of the best depth result and fine-tuned for the same epochs")
+    _add_run_options(b)
+    b.add_argument("--latency-batch-size", type=int, default=32, metavar="B",
+                   help="batch size timed besides batch 1 (default 32)")
+    b.add_argument("--backends", nargs="+", default=["eager", "onnxruntime"], choices=["eager", "onnxruntime"],
+                   help="backends timed side by side (default both)")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted benchmark in --out")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlc", description="Make trained networks shallower and faster.")
     sub = parser.add_subparsers(dest="command", required=True)
     method = _method_named(list(argv) if argv is not None else sys.argv[1:])
     c = sub.add_parser("compress", help="compress a trained model", formatter_class=argparse.RawTextHelpFormatter,
                        epilog=_method_help(method) if "-h" in (argv or sys.argv) or "--help" in (argv or sys.argv)
                        else None)
-    c.add_argument("--model", required=True,
-                   help="torchvision:NAME | timm:NAME | hf:PATH | tlc:NAME | py:FILE.py:FUNCTION")
-    c.add_argument("--data", required=True, help="\n".join(f"{k}: {v}" for k, v in DATA_SPECS.items()))
-    c.add_argument("--out", required=True, help="output directory")
-    c.add_argument("--weights", help="trained weights: .safetensors or a state_dict file (loaded weights_only)")
-    c.add_argument("--num-classes", type=int, help="classes of the model's head (default: from the data)")
-    c.add_argument("--train-epochs", type=float, default=0.0,
-                   help="train the model this many epochs before compressing (for models without weights)")
+    _add_model_options(c)
     _add_compress_options(c, method)
+    _add_benchmark_parser(sub)
     d = sub.add_parser("demo", help="train a small network, compress it, print before/after")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
     d.add_argument("--quiet", action="store_true")
-    r = sub.add_parser("report", help="print the before/after table of a run and draw its plots (reads "
-                                      "report.json only: no model is built)")
+    r = sub.add_parser("report", help="print the before/after table of a run (or the table of a benchmark) and "
+                                      "draw its plots (reads report.json / benchmark.json only: no model is built)")
     r.add_argument("dir")
     r.add_argument("--no-plots", action="store_true")
     e = sub.add_parser("export", help="export a compressed model")
@@ -125,15 +156,44 @@ def main(argv: list[str] | None = None) -> int:
     from tlc.errors import TLCError
 
     try:
-        return {"compress": _compress, "demo": _demo, "report": _report, "export": _export}[args.command](args)
+        commands = {"compress": _compress, "benchmark": _benchmark, "demo": _demo, "report": _report,
+                    "export": _export}
+        with _process_group(args):
+            return commands[args.command](args)
     except (TLCError, OSError, ValueError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"tlc: error: {message}", file=sys.stderr)
+        if not getattr(exc, "shared", False):  # an error every rank got from rank 0 is printed by rank 0 alone
+            print(f"tlc: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None) or getattr(args, "dir", "")
         print(f"\ntlc: interrupted; continue with the same command and --resume (outputs in {out})", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace) -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1) ``tlc compress`` (and ``tlc benchmark``) is one run over all the
+    processes: each joins the group (gloo on the CPU; NCCL and the GPU of its local rank with --device cuda),
+    only rank 0 prints, and the group is left at the end."""
+    if args.command not in ("compress", "benchmark") or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    from tlc.train.distributed import init_from_env
+
+    _check_device(args.device)
+    env = init_from_env("cuda" if torch.device(args.device).type == "cuda" else "cpu")
+    args.device = str(env.device)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.ExitStack() as quiet:
+            if env.rank != 0:
+                quiet.enter_context(contextlib.redirect_stdout(devnull))
+            yield
+    finally:
+        dist.destroy_process_group()
 
 
 # ============================================================================ compress
@@ -162,16 +222,19 @@ def _check_compress_args(args: argparse.Namespace) -> None:
     """Refuse, before any work starts and before anything is written, every option of ``tlc compress``
     that is wrong on its own: numbers out of range, the output folder, the device, the weights file."""
     from tlc.errors import SpecError
+    from tlc.train.distributed import on_main
     from tlc.zoo.models import check_weights_file
 
     for name, valid, requirement in _RULES:
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and valid(value)):
             raise SpecError(f"--{name.replace('_', '-')} {value} must be {requirement}")
-    bad = [b for b in args.latency_batch_sizes if b < 1]
+    flag = "--latency-batch-sizes" if hasattr(args, "latency_batch_sizes") else "--latency-batch-size"
+    sizes = args.latency_batch_sizes if hasattr(args, "latency_batch_sizes") else [args.latency_batch_size]
+    bad = [b for b in sizes if b < 1]
     if bad:
-        raise SpecError(f"--latency-batch-sizes {bad[0]}: batch sizes must be at least 1")
-    _check_out(Path(args.out))
+        raise SpecError(f"{flag} {bad[0]}: batch sizes must be at least 1")
+    on_main(_check_out, Path(args.out))  # rank 0's folder: the only one a run over many processes writes
     _check_device(args.device)
     if args.weights is not None:
         check_weights_file(args.weights)
@@ -213,14 +276,23 @@ def _check_device(name: str) -> None:
 def _config(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(method class, RunConfig, method config) from the command line: the preset, then the flags, then
     each --set."""
-    import dataclasses
-
     from tlc.methods.base import build_configs, method_class, parse_setting
-    from tlc.train import DistillConfig
 
     cls = method_class(args.method)
     run, _ = build_configs(cls, args.preset)
-    finetune = run.finetune
+    overrides = _run_overrides(args, run.finetune)
+    overrides.update(parse_setting(cls, text) for text in args.settings)
+    run, own = build_configs(cls, args.preset, overrides)
+    return cls, run, own
+
+
+def _run_overrides(args: argparse.Namespace, finetune: Any) -> dict[str, Any]:
+    """The shared run settings the flags give: ``finetune`` (a FitConfig) with the fine-tuning flags applied,
+    the budget, stopping rules, merge policy, calibration, distillation and seed."""
+    import dataclasses
+
+    from tlc.train import DistillConfig
+
     for flag, name in (("finetune_epochs", "epochs"), ("lr", "lr"), ("batch_size", "batch_size"),
                        ("optimizer", "optimizer"), ("weight_decay", "weight_decay")):
         if getattr(args, flag) is not None:
@@ -233,9 +305,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             overrides[name] = getattr(args, name)
     if args.distill:
         overrides["distill"] = DistillConfig()
-    overrides.update(parse_setting(cls, text) for text in args.settings)
-    run, own = build_configs(cls, args.preset, overrides)
-    return cls, run, own
+    return overrides
 
 
 def _load(model_spec: str, data_spec: str, args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -285,7 +355,7 @@ def _family_recipe(model: Any, run: Any, args: argparse.Namespace) -> Any:
     from tlc.train.recipes import describe, model_family, recipe
 
     family = model_family(model)
-    fitting = recipe(family, "paper" if args.preset == "paper" else "finetune")
+    fitting = recipe(family, "paper" if getattr(args, "preset", None) == "paper" else "finetune")
     own = any(getattr(args, flag, None) is not None for flag in ("lr", "batch_size", "optimizer", "weight_decay"))
     if family != "cnn" and fitting is not None and not own:
         epochs = args.finetune_epochs if args.finetune_epochs is not None else fitting.epochs
@@ -299,34 +369,37 @@ def _pretrain(model: Any, data: Any, epochs: float, out: Path, args: argparse.Na
     --resume continues an interrupted training where it stopped) and kept in OUT/trained.safetensors."""
     import dataclasses
 
-    from safetensors.torch import save_file
-
-    from tlc.train import fit
-    from tlc.train.checkpoint import complete_checkpoints, latest_complete, remove_checkpoint
-    from tlc.train.loop import CHECKPOINT_PREFIX
+    from tlc.train import distributed, fit
+    from tlc.train.checkpoint import latest_complete
+    from tlc.train.loop import CHECKPOINT_PREFIX, drop_other_world
     from tlc.train.recipes import describe, model_family, recipe
     from tlc.zoo.models import load_weights
 
     path, checkpoints = out / "trained.safetensors", out / "pretrain"
-    if path.is_file():
-        load_weights(model, path)
+    if distributed.on_main(path.is_file):  # under torchrun: rank 0's folder, its weights sent to every rank
+        distributed.on_main(load_weights, model, path)
+        distributed.broadcast_state(model)
         print(f"using the model trained earlier: {path}")
         return
     config = dataclasses.replace(recipe(model_family(model), "pretrain", epochs),
                                  **({"batch_size": args.batch_size} if getattr(args, "batch_size", None) else {}))
     print(f"training recipe ({model_family(model)}): {describe(config)}")
-    earlier = latest_complete(checkpoints, CHECKPOINT_PREFIX)
+    if distributed.on_main(drop_other_world, checkpoints):
+        print("the interrupted training ran with another number of processes: it starts over")
+    earlier = distributed.on_main(latest_complete, checkpoints, CHECKPOINT_PREFIX)
     if earlier is not None:
         print(f"continuing the interrupted training from {checkpoints / earlier}")
     fit(model, data.train, config, collate_fn=data.collate_fn, device=args.device, seed=args.seed,
         checkpoint_dir=checkpoints, resume=True, progress=not quiet, description="training")
-    tmp = out / ".trained.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
-    for name in complete_checkpoints(checkpoints, CHECKPOINT_PREFIX):
-        remove_checkpoint(checkpoints, name)
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()
+    distributed.on_main(_keep_trained, model, out, checkpoints)
+
+
+def _keep_trained(model: Any, out: Path, checkpoints: Path) -> None:
+    """OUT/trained.safetensors, written atomically; the training checkpoints are removed."""
+    from tlc.train.checkpoint import remove_checkpoints, save_weights
+
+    save_weights(model, out / "trained.safetensors")
+    remove_checkpoints(checkpoints)
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -356,6 +429,40 @@ def _compress(args: argparse.Namespace) -> int:
     trust = ", trust_code=True" if spec.kind == "py" else ""  # the folder names your Python file
     print(f"\noutputs in {out}/: report.json, steps.csv, recipe.json + weights.safetensors "
           f"(tlc.load('{out}'{trust}))")
+    return 0
+
+
+# ============================================================================ benchmark
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from tlc.run.benchmark import Timing, benchmark, check_baselines, parse_entries
+    from tlc.run.config import RunConfig
+
+    _check_compress_args(args)  # bad options, methods and baselines are refused before any work
+    parse_entries(args.methods)
+    check_baselines(args.baseline)
+    timing = Timing(batch_size=args.latency_batch_size, backends=tuple(args.backends), threads=args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, spec, data = _load(args.model, args.data, args)
+    run = _family_recipe(model, RunConfig(), args)
+    out = Path(args.out)
+    if args.train_epochs:
+        _pretrain(model, data, args.train_epochs, out, args, args.quiet)
+    result = benchmark(
+        model, data.train, data.val, out_dir=out, methods=args.methods, baselines=args.baseline, resume=args.resume,
+        timing=timing, test_data=data.test, collate_fn=data.collate_fn, example_inputs=data.example_inputs(2),
+        device=args.device, progress=not args.quiet, model_spec=spec.to_json(), data_spec=_data_label(data),
+        **_run_overrides(args, run.finetune))
+    print()
+    print(result)
+    plot = f", {result.plot_path.name}" if result.plot_path else ""
+    print(f"\noutputs in {out}/: benchmark.json{plot}, and each method's folder under runs/ "
+          "(tlc.load, tlc export, tlc report)")
     return 0
 
 
@@ -411,6 +518,8 @@ def _demo_model(data_spec: str, ns: argparse.Namespace) -> tuple[Any, Any, Any]:
 def _report(args: argparse.Namespace) -> int:
     from tlc.report.tables import format_table
 
+    if (Path(args.dir) / "benchmark.json").is_file():
+        return _benchmark_report(args)
     report, path = _read_report(Path(args.dir))
     with _malformed(path):
         table = format_table(report)
@@ -422,6 +531,22 @@ def _report(args: argparse.Namespace) -> int:
             written = write_plots(report, Path(args.dir))
         for name in written:
             print(f"wrote {name}")
+    return 0
+
+
+def _benchmark_report(args: argparse.Namespace) -> int:
+    """The table and the Pareto plot of a benchmark folder."""
+    from tlc.report.benchmark import format_benchmark
+    from tlc.run.benchmark import PLOT, read_benchmark
+
+    folder = Path(args.dir)
+    summary = read_benchmark(folder)
+    with _malformed(folder / "benchmark.json"):
+        print(format_benchmark(summary["rows"], summary.get("timing", {})))
+        if not args.no_plots:
+            from tlc.io.plots import write_benchmark_plot
+
+            print(f"wrote {write_benchmark_plot(summary, folder / PLOT)}")
     return 0
 
 

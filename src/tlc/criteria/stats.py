@@ -14,6 +14,7 @@ import torch
 
 from tlc.criteria.runner import GraphRunner
 from tlc.graph import Graph, Site
+from tlc.train import distributed
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,23 @@ class _Accumulator:
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         rows = _channel_rows(x, self.site.channel_dim, mask).double()
+        self.add_sums((rows.sum(0).cpu(), (rows * rows).sum(0).cpu(), (rows > 0).sum(0).double().cpu(),
+                       rows.shape[0]))
+
+    def add_sums(self, sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]) -> None:
+        """Add one batch's (sum, sum of squares, ON count, value count)."""
+        total, squares, on, count = sums
         if self.total is None:
-            self.total = torch.zeros(rows.shape[1], dtype=torch.float64)
+            self.total = torch.zeros(total.shape[0], dtype=torch.float64)
             self.squares = torch.zeros_like(self.total)
             self.on = torch.zeros_like(self.total)
-        self.total += rows.sum(0).cpu()
-        self.squares += (rows * rows).sum(0).cpu()
-        self.on += (rows > 0).sum(0).double().cpu()
-        self.count += rows.shape[0]
+        self.total += total
+        self.squares += squares
+        self.on += on
+        self.count += count
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        return self.total, self.squares, self.on, self.count
 
     def result(self) -> SiteStats:
         if not self.count:
@@ -66,12 +76,28 @@ def _attention_mask(inputs: Any) -> torch.Tensor | None:
 
 
 def collect_site_stats(graph: Graph, sites: list[Site], batches: Iterable[Any]) -> dict[str, SiteStats]:
-    """Statistics of each site's pre-activation over ``batches`` (model inputs, or (inputs, labels) pairs)."""
+    """Statistics of each site's pre-activation over ``batches`` (model inputs, or (inputs, labels) pairs).
+
+    In a distributed run the batches are split over the ranks and their sums gathered; every rank adds
+    them in batch order, so the statistics are the same numbers as one process computes."""
     runner = GraphRunner(graph)
+
+    def batch_sums(mine: list[Any]) -> list[dict[str, tuple]]:
+        return [_batch_sums(runner, sites, batch) for batch in mine]
+
     accumulators = {s.name: _Accumulator(s) for s in sites}
-    for batch in batches:
-        inputs = batch[0] if isinstance(batch, tuple | list) and len(batch) == 2 else batch
-        mask = _attention_mask(inputs)
-        observe = {graph.site_node(s): (lambda x, a=accumulators[s.name], m=mask: a.add(x, m)) for s in sites}
-        runner.run(inputs, observe=observe)
+    for sums in distributed.gather_map(batch_sums, list(batches)):
+        for name, one in sums.items():
+            accumulators[name].add_sums(one)
     return {name: acc.result() for name, acc in accumulators.items()}
+
+
+def _batch_sums(runner: GraphRunner, sites: list[Site], batch: Any) -> dict[str, tuple]:
+    """Each site's sums over one batch."""
+    graph = runner.graph
+    inputs = batch[0] if isinstance(batch, tuple | list) and len(batch) == 2 else batch
+    mask = _attention_mask(inputs)
+    accumulators = {s.name: _Accumulator(s) for s in sites}
+    observe = {graph.site_node(s): (lambda x, a=accumulators[s.name], m=mask: a.add(x, m)) for s in sites}
+    runner.run(inputs, observe=observe)
+    return {name: acc.sums() for name, acc in accumulators.items() if acc.count}

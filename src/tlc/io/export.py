@@ -191,13 +191,19 @@ def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
 
 
 def onnxruntime_session(
-    path: str | Path, *, device: str | torch.device = "cpu", threads: int | None = None
+    path: str | Path, *, device: str | torch.device = "cpu", threads: int | None = None, spinning: bool = True
 ) -> Any:
-    """An onnxruntime session on `path`: CUDA provider for a CUDA device, CPU provider otherwise."""
+    """An onnxruntime session on `path`: CUDA provider for a CUDA device, CPU provider otherwise.
+
+    ``spinning=False`` stops its idle intra-op threads from spinning after a run: what timing several
+    sessions in turn needs, since a spinning pool takes the cores the next session runs on.
+    """
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if torch.device(device).type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -481,3 +481,78 @@ def _map_legend(entries: list[dict[str, Any]], groups: dict[str, list[int]]) -> 
         handles.append(Line2D([], [], color=GROUP_COLOURS[0], lw=1.6, marker="s", ms=5.5, mfc=GROUP_COLOURS[0],
                               mec="black", label="layers merged into one deploy layer (its name, its layer)"))
     return handles
+
+
+# ============================================================================ benchmark (methods side by side)
+
+MARKERS = ("o", "^", "v", "D", "P", "h", "<", ">", "p", "*", "d")
+METHOD_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+                  "#393b79")  # no red: red is the width-pruning baseline's and the budget's
+
+
+def write_benchmark_plot(summary: dict[str, Any], path: Path) -> Path:
+    """The Pareto plot of a ``tlc benchmark``: validation accuracy against the measured speed-up over the
+    original (left) and against the model size (right), one marker per contender, the original, the
+    batch-norm-folded original and the accuracy budget."""
+    figure, canvas = _matplotlib()
+    fig = figure(figsize=(12.5, 5.2))
+    canvas(fig)
+    key = benchmark_speed_key(summary)
+    rows = [r for r in summary["rows"] if r["status"] == "done" and "latency" in r]
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    scale, unit = (1e6, "million") if max((r["unique_params"] for r in rows), default=0) >= 1e6 else (1e3, "thousand")
+    for i, row in enumerate(rows):
+        style = _benchmark_style(row, i)
+        speed = row["latency"][key]["speedup"]["original"]
+        accuracy = 100 * row["val_accuracy"]
+        spread = [[speed["ratio"] - speed["q1"]], [speed["q3"] - speed["ratio"]]]
+        left.errorbar([speed["ratio"]], [accuracy], xerr=spread, capsize=3, label=_benchmark_label(row), **style)
+        right.plot([row["unique_params"] / scale], [accuracy], linestyle="none", **style)
+    original = summary["rows"][0]
+    folded = original.get("latency_bn_folded", {}).get(key)
+    if folded is not None:
+        left.axvline(folded["speedup"]["original"]["ratio"], color="#777777", lw=0.9, ls="-.",
+                     label="original, batch norms folded")
+    floor = 100 * original["val_accuracy"] - float(summary["settings"]["run"].get("max_acc_drop", 1.0))
+    right.axhline(floor, color=BUDGET, lw=1.0, ls="--", zorder=1)
+    for ax in (left, right):
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(True, color="#e5e5e5", lw=0.6)
+        ax.margins(x=0.12, y=0.2)
+    left.axhline(floor, color=BUDGET, lw=1.0, ls="--", zorder=1, label="accuracy budget")
+    backend, batch = key.split("@")
+    left.set_xlabel(f"measured speed-up over the original ({backend}, batch {batch}; bars: quartiles)")
+    right.set_xlabel(f"model size ({unit} unique parameters)")
+    left.set_title("accuracy vs speed-up (right is faster)", fontsize=10)
+    right.set_title("accuracy vs size (left is smaller)", fontsize=10)
+    left.legend(fontsize=7.5, loc="best", framealpha=0.9)
+    skipped = [f"{r['label']}: {_shorten(r['reason'], 70)}" for r in summary["rows"] if r["status"] != "done"]
+    model = (summary.get("model") or {}).get("spec", "model") if isinstance(summary.get("model"), dict) else "model"
+    fig.suptitle(f"methods side by side on {model} ({summary.get('data') or 'data'})", fontsize=11)
+    if skipped:
+        fig.text(0.01, 0.01, "not run: " + "; ".join(skipped), fontsize=7, color="#555555")
+    fig.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 0.95))
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def benchmark_speed_key(summary: dict[str, Any]) -> str:
+    """The latency row the plot and the headline use: ONNX Runtime at batch 1 when it was measured (what a
+    deployment runs), eager batch 1 otherwise."""
+    keys = [f"{r['backend']}@{r['batch_size']}" for r in summary["lineup"]["rows"]]
+    return "onnxruntime@1" if "onnxruntime@1" in keys else keys[0]
+
+
+def _benchmark_style(row: dict[str, Any], index: int) -> dict[str, Any]:
+    if row["kind"] == "original":
+        return {"marker": "s", "color": "black", "ms": 8}
+    if row["kind"] == "width":
+        return {"marker": "X", "color": "#d62728", "ms": 10, "mec": "black", "mew": 0.6}
+    return {"marker": MARKERS[index % len(MARKERS)], "color": METHOD_COLOURS[index % len(METHOD_COLOURS)], "ms": 8}
+
+
+def _benchmark_label(row: dict[str, Any]) -> str:
+    if row["kind"] == "original":
+        return f"original (depth {row['depth']})"
+    unchanged = "" if row.get("changed") else ", unchanged"
+    return f"{row['label']} (depth {row['depth']}{unchanged})"

@@ -168,28 +168,9 @@ def _measure_pair(
     burst: int,
 ) -> dict[str, Any]:
     """One comparison row: interleaved bursts of both models on `inputs`."""
-    runners = [
-        make_runner(m, inputs, backend=backend, device=device, threads=threads, channels_last=channels_last,
-                    onnx_path=p)
-        for m, p in zip(models, paths)
-    ]
-    fns: list[Callable[[], Any]] = [fn for fn, _, _ in runners]
-    clock = runners[0][2]
-    samples: list[list[float]] = [[], []]
-    ratios = []
-    with torch.inference_mode():
-        for fn in fns:
-            time_callable(fn, warmup=warmup, repeats=0, device=clock)
-        for r in range(rounds):
-            medians = [0.0, 0.0]
-            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                times = time_callable(fns[i], warmup=0, repeats=burst, device=clock)
-                samples[i].extend(times)
-                medians[i] = float(np.median(times))
-            ratios.append(medians[0] / medians[1])
-    conditions = dict(warmup=warmup, batch_size=batch_size_of(inputs), backend=backend,
-                      device=str(torch.device(device)), channels_last=channels_last)
-    stats = [LatencyStats.from_samples(s, threads=t, **conditions) for s, (_, t, _) in zip(samples, runners)]
+    stats, medians = _interleave(list(models), paths, inputs, backend=backend, device=device, threads=threads,
+                                 channels_last=channels_last, warmup=warmup, rounds=rounds, burst=burst)
+    ratios = [a / b for a, b in zip(medians[0], medians[1])]
     q1, median, q3 = np.percentile(ratios, [25, 50, 75])
     return {
         "backend": backend,
@@ -199,6 +180,135 @@ def _measure_pair(
         "ratio_q1": float(q1),
         "ratio_q3": float(q3),
         "rounds": rounds,
-        "timed_calls": len(samples[0]),
+        "timed_calls": stats[0].repeats,
         "threads": stats[0].threads,
     }
+
+
+def _interleave(
+    models: list[nn.Module],
+    paths: Sequence[Path | None],
+    inputs: ExampleInputs,
+    *,
+    backend: str,
+    device: str | torch.device,
+    threads: int | None,
+    channels_last: bool,
+    warmup: int,
+    rounds: int,
+    burst: int,
+) -> tuple[list[LatencyStats], list[list[float]]]:
+    """Time `models` in interleaved rounds: each round a burst of every model, the order rotated and reversed
+    from round to round so that drift hits all alike. Returns each model's stats over all its calls and its
+    per-round burst medians (the material of per-round ratios)."""
+    runners = [
+        make_runner(m, inputs, backend=backend, device=device, threads=threads, channels_last=channels_last,
+                    onnx_path=p)
+        for m, p in zip(models, paths)
+    ]
+    clock = runners[0][2]
+    count = len(models)
+    samples: list[list[float]] = [[] for _ in models]
+    medians: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for fn, _, _ in runners:
+            time_callable(fn, warmup=warmup, repeats=0, device=clock)
+        for r in range(rounds):
+            order = [(i + r // 2) % count for i in range(count)]
+            for i in (order if r % 2 == 0 else order[::-1]):
+                times = time_callable(runners[i][0], warmup=0, repeats=burst, device=clock)
+                samples[i].extend(times)
+                medians[i].append(float(np.median(times)))
+    conditions = dict(warmup=warmup, batch_size=batch_size_of(inputs), backend=backend,
+                      device=str(torch.device(device)), channels_last=channels_last)
+    stats = [LatencyStats.from_samples(s, threads=t, **conditions) for s, (_, t, _) in zip(samples, runners)]
+    return stats, medians
+
+
+@dataclass
+class LineUp:
+    """Cost of several models measured in one interleaved session, with speed-ups against references.
+
+    Each row holds one (backend, batch size): per model its median and p10/p90 latency over all timed
+    calls and, for every reference model, the median and quartiles of the per-round ratio
+    reference / model (the model's speed-up over that reference).
+    """
+
+    labels: list[str]
+    references: list[str]
+    params: dict[str, int]
+    macs: dict[str, int]
+    example_batch_size: int
+    rows: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def speedup(self, label: str, reference: str, backend: str, batch_size: int) -> dict[str, float]:
+        """{"ratio", "q1", "q3"} of `label` over `reference` in the (backend, batch size) row."""
+        row = next(r for r in self.rows if r["backend"] == backend and r["batch_size"] == batch_size)
+        return row["models"][label]["speedup"][reference]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return {"labels": list(self.labels), "references": list(self.references), "params": dict(self.params),
+                "macs": dict(self.macs), "example_batch_size": self.example_batch_size,
+                "settings": dict(self.settings), "rows": [dict(row) for row in self.rows]}
+
+
+def line_up(
+    models: dict[str, nn.Module],
+    example_inputs: ExampleInputs,
+    *,
+    references: Sequence[str],
+    batch_sizes: Sequence[int] = (1,),
+    backends: Sequence[str] = ("eager",),
+    warmup: int = 10,
+    repeats: int = 30,
+    rounds: int = 5,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LineUp:
+    """Parameters, MACs and latency of every model in `models` (label -> module), all timed in one
+    interleaved session per (backend, batch size) as :func:`compare` times two, with each model's
+    speed-up over every label in `references`. `progress` is told which row is being timed."""
+    missing = [r for r in references if r not in models]
+    if missing or rounds < 1 or repeats < 1:
+        raise SpecError(f"line_up: unknown reference(s) {missing}" if missing else
+                        f"rounds and repeats must be >= 1, got rounds={rounds}, repeats={repeats}")
+    if threads is None and torch.device(device).type == "cpu":
+        threads = physical_cores()
+    labels, modules = list(models), list(models.values())
+    burst = math.ceil(repeats / rounds)
+    rows = []
+    with torch_threads(threads) as used_threads, ExitStack() as files:
+        for backend in backends:
+            paths = [files.enter_context(onnx_model_file(m, example_inputs, backend, None)) for m in modules]
+            for batch_size in batch_sizes:
+                if progress is not None:
+                    progress(f"timing {len(modules)} models: {backend}, batch {batch_size}")
+                stats, medians = _interleave(modules, paths, rebatch(example_inputs, batch_size), backend=backend,
+                                             device=device, threads=threads, channels_last=False, warmup=warmup,
+                                             rounds=rounds, burst=burst)
+                rows.append(_line_up_row(labels, references, stats, medians, backend, batch_size))
+    return LineUp(labels=labels, references=list(references),
+                  params={k: count_params(m) for k, m in models.items()},
+                  macs={k: count_macs(m, rebatch(example_inputs, 1)) for k, m in models.items()},
+                  example_batch_size=1, rows=rows,
+                  settings=dict(device=str(torch.device(device)), threads=used_threads, warmup=warmup,
+                                rounds=rounds, burst=burst, timed_calls=rounds * burst))
+
+
+def _line_up_row(labels: list[str], references: Sequence[str], stats: list[LatencyStats],
+                 medians: list[list[float]], backend: str, batch_size: int) -> dict[str, Any]:
+    """One (backend, batch size) row of a line-up."""
+    index = {label: i for i, label in enumerate(labels)}
+    models = {}
+    for i, label in enumerate(labels):
+        speedup = {}
+        for ref in references:
+            ratios = [a / b for a, b in zip(medians[index[ref]], medians[i])]
+            q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+            speedup[ref] = {"ratio": float(median), "q1": float(q1), "q3": float(q3)}
+        models[label] = {**{f: getattr(stats[i], f) for f in _ROW_STATS}, "speedup": speedup}
+    return {"backend": backend, "batch_size": batch_size, "threads": stats[0].threads,
+            "rounds": len(medians[0]), "models": models}

@@ -57,7 +57,8 @@ MIN_FIT_POINTS = 4  # conv/dense entries the fit needs for its intercept (else: 
 BUDGET_S = 0.2  # wall time one measurement aims at (warm-up and timed calls; large layers take longer)
 MIN_REPEATS = 5
 _FORMAT = 1
-PROTOCOL = "rotating-16MB"  # how eager layers are timed (LatencyTable._measure): another protocol, another file
+PROTOCOL = "rotating-16MB-nospin"  # how layers are timed (eager: rotating copies, LatencyTable._measure; ONNX
+# Runtime: no intra-op spinning, latency._onnxruntime_runner): another protocol, another file
 _BYTES_PER_ELEMENT = 4  # layers are measured in float32
 _SAVE_EVERY_S = 5.0
 

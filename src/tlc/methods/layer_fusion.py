@@ -40,6 +40,7 @@ from tlc.graph import Graph
 from tlc.measure.count import count_params, eval_mode
 from tlc.methods.base import PAPER_RETRAINING, Method, NoCandidate, Proposal, register_method
 from tlc.run.config import RunContext
+from tlc.train import distributed
 
 SHOWN = 5  # other candidates recorded in a step's evidence
 
@@ -102,13 +103,15 @@ def disjoint(ranked: Sequence[Pair], count: int) -> list[Pair]:
 
 
 def loss_gaps(model: nn.Module, pairs: Sequence[Pair], run: RunContext) -> tuple[float, dict[str, float]]:
-    """(calibration loss of ``model``, the increase of that loss when each pair alone is fused)."""
+    """(calibration loss of ``model``, the increase of that loss when each pair alone is fused); in a
+    distributed run the pairs are split over the ranks."""
     base = calibration_loss(model, run.calibration)
-    gaps = {}
-    for pair in pairs:
-        fused, _ = fuse([pair]).apply(model, run.example_inputs)
-        gaps[pair.name] = calibration_loss(fused, run.calibration) - base
-    return base, gaps
+
+    def fused_losses(mine: list[Pair]) -> list[float]:
+        return [calibration_loss(fuse([pair]).apply(model, run.example_inputs)[0], run.calibration) for pair in mine]
+
+    losses = distributed.gather_map(fused_losses, list(pairs))
+    return base, {pair.name: loss - base for pair, loss in zip(pairs, losses)}
 
 
 def shared_values(model: nn.Module, pair: Pair) -> int:

@@ -28,6 +28,7 @@ from tlc.run.config import RunContext
 from tlc.surgery.linearize import gate_nodes, linearize
 from tlc.surgery.plan import Planner, dead_sites
 from tlc.surgery.pricing import activation_shape, measure_first, resolve
+from tlc.train import distributed
 
 RULES = ("tolerance", "official")
 
@@ -148,7 +149,8 @@ def collapse_savings(model: nn.Module, graph: Graph, masks: dict[str, torch.Tens
             left = sum(activation[n] for n in names if n not in collapsed)
             return planner.total_cost(planner.plan()).amount(policy) + left
 
-        return {unit: cost(set(unit)) for unit in [(), *candidates]}
+        units = [(), *candidates]  # planned independently: split over the ranks of a distributed run
+        return dict(zip(units, distributed.gather_map(lambda mine: [cost(set(u)) for u in mine], units)))
 
     table = resolve(policy, None)
     measure_first(costs, table)

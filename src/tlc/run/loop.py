@@ -6,6 +6,11 @@ each step is checkpointed (atomically), so ``resume=True`` continues an interrup
 the same result as an uninterrupted one with the same seed. Nothing here knows which method runs: the
 method proposes edits (:mod:`tlc.methods.base`); the budget, stopping rules, fine-tuning, merge and
 measurement are the same for all.
+
+Under torchrun (a process group joined with :func:`tlc.train.init_from_env`) every rank runs this loop and
+reaches the same decisions: fine-tuning is data-parallel, rankings split their candidates over the ranks,
+and what is read or written (checkpoints, outputs) or measured on the clock is done by rank 0 and handed
+to the others.
 """
 
 from __future__ import annotations
@@ -43,14 +48,16 @@ from tlc.run.records import NON_FINITE, StepRecord
 from tlc.run.state import CHECKPOINT_PREFIX, RunState, fingerprint, load_state, save_state, step_weights
 from tlc.surgery.merge import merge
 from tlc.surgery.pricing import using_table
-from tlc.train import FitHooks, evaluate, fit
+from tlc.train import FitHooks, distributed, evaluate, fit
 from tlc.train.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     latest_complete,
     read_state,
     remove_checkpoint,
+    remove_checkpoints,
 )
+from tlc.train.loop import drop_other_world
 
 
 @dataclass
@@ -154,11 +161,17 @@ def compress(
     of either (``max_acc_drop=0.5``, ``max_steps=3``, ``gap_tolerance=0.1``, ...). ``test_data``, when
     given, is used only for the final before/after accuracy. ``model_spec``/``data_spec`` are recorded
     so that :func:`tlc.load` can rebuild the model from the output directory.
+
+    In a distributed run (every rank calls this with the same arguments) rank 0 alone writes ``out_dir`` and
+    logs; the model of rank 0 is the one compressed, and every rank returns the same decisions.
     """
     cls = method if isinstance(method, type) else method_class(method)
     run_config, own = build_configs(cls, preset, overrides, config, method_config)
+    _check_processes(run_config)
     dev = torch.device(device)
-    original = copy.deepcopy(model).to(dev).eval()
+    main = distributed.is_main_process()
+    progress, log = progress and main, log if main else None
+    original = distributed.broadcast_state(copy.deepcopy(model).to(dev).eval())
     example = to_device(example_inputs if example_inputs is not None else example_batch(val_data, collate_fn), dev)
     context = RunContext(run_config, example, calibration_batches(val_data, run_config, collate_fn, dev), train_data,
                          val_data, collate_fn, dev, progress, log or (lambda _message: None))
@@ -170,9 +183,20 @@ def compress(
             _step(loop)
         result = _finish(loop)
     if outputs.out_dir is not None:
-        write_outputs(outputs.out_dir, result, example)
-        check_reload(outputs.out_dir, result.model, example, model=None if model_spec else original)
+        distributed.on_main(_write, outputs.out_dir, result, example, None if model_spec else original)
     return result
+
+
+def _check_processes(config: RunConfig) -> None:
+    """What a run over several processes cannot do (refused on every rank alike)."""
+    if distributed.world_size() > 1 and config.policy == "latency":
+        raise SpecError("policy 'latency' runs in one process only: its latency table is timed on the clock of "
+                        "each machine; use --policy macs with several processes")
+
+
+def _write(out: Path, result: CompressionResult, example: ExampleInputs, original: nn.Module | None) -> None:
+    write_outputs(out, result, example)
+    check_reload(out, result.model, example, model=original)
 
 
 def _latency_table(config: RunConfig, outputs: Outputs, device: torch.device) -> LatencyTable | None:
@@ -196,9 +220,10 @@ def _open(method: Method, run: RunContext, outputs: Outputs, original: nn.Module
         "model": outputs.model_spec, "data": outputs.data_spec, "val": len(run.val_data),
         "train": len(run.train_data), "params": count_params(original)})
     if checkpoints is not None and not resume:
-        _refuse_or_clear(checkpoints)
+        distributed.on_main(_refuse_or_clear, checkpoints)
     defaults = _settings(type(method)(), RunConfig())
-    loaded = load_state(checkpoints, current, defaults) if (resume and checkpoints is not None) else None
+    loaded = distributed.on_main(_resumable, checkpoints, current, defaults, run.log) \
+        if (resume and checkpoints is not None) else None
     prepared, prepare_edits = apply_edits(original, method.prepare(original, run), run.example_inputs)
     state, tensors = loaded if loaded is not None else (RunState(), None)
     if resume:
@@ -217,11 +242,30 @@ def _open(method: Method, run: RunContext, outputs: Outputs, original: nn.Module
         if warning:
             run.log(f"warning: {warning}")
         _pretrain(loop)
-        if checkpoints is not None:
-            save_state(checkpoints, state, loop.current if state.pretrained else None, loop.start)
+        _save(loop, loop.current if state.pretrained else None)
     loop.floor = state.baseline["accuracy"] - run.config.max_acc_drop / 100.0
     loop.structure = _structure(original, run.example_inputs)
     return loop
+
+
+def _save(loop: _Loop, model: nn.Module | None) -> None:
+    """Checkpoint the run's state (rank 0; the others wait)."""
+    checkpoints = loop.outputs.checkpoints
+    if checkpoints is not None:
+        if distributed.is_main_process():
+            save_state(checkpoints, loop.state, model, loop.start)
+        distributed.barrier()
+
+
+def _resumable(checkpoints: Path, current: str, defaults: dict[str, Any],
+               log: Callable[[str], None]) -> tuple[RunState, dict[str, torch.Tensor]] | None:
+    """The state to resume from; the fine-tuning in progress restarts when another number of processes
+    began it (its data shares differ)."""
+    loaded = load_state(checkpoints, current, defaults)
+    for fit_dir in sorted(checkpoints.glob("fit_*")):
+        if drop_other_world(fit_dir) is not None:
+            log(f"{fit_dir.name}: begun with another number of processes; this fine-tuning starts over")
+    return loaded
 
 
 def _refuse_or_clear(checkpoints: Path) -> None:
@@ -302,8 +346,7 @@ def _step(loop: _Loop) -> None:
         if record.within_budget:
             state.best_step, state.best_edits = step, list(state.edits)
     state.stop_reason = stop or _stop_on_target(record, config, loop.structure)
-    if loop.outputs.checkpoints is not None:
-        save_state(loop.outputs.checkpoints, state, loop.current, loop.start)
+    _save(loop, loop.current)
     loop.say(_step_line(record, state.baseline))
     if set_aside:
         loop.say(f"step {step}: {', '.join(set_aside)} set aside; trying the next candidates")
@@ -330,7 +373,7 @@ def _try(loop: _Loop, step: int, attempt: str, lin: nn.Module,
     deployed = merge(candidate, run.example_inputs, policy=config.policy)
     structure = _structure(deployed, run.example_inputs)
     removed, linearized = _channels(applied, loop.channels)
-    speed = _speedup(loop.original, deployed, run, config.latency_repeats)
+    speed = distributed.on_main(_speedup, loop.original, deployed, run, config.latency_repeats)  # rank 0's clock
     finite = result is None or result.stopped_reason is None
     evidence = proposal.evidence
     record = StepRecord(
@@ -353,12 +396,8 @@ def _hooks(method: Method) -> FitHooks | None:
 
 
 def _remove_fit_checkpoints(fit_dir: Path | None) -> None:
-    if fit_dir is None or not fit_dir.is_dir():
-        return
-    for name in [p.stem.split(".")[0] for p in fit_dir.glob("*.json")]:
-        remove_checkpoint(fit_dir, name)
-    if not any(fit_dir.iterdir()):
-        fit_dir.rmdir()
+    if fit_dir is not None and distributed.is_main_process():
+        remove_checkpoints(fit_dir)
 
 
 def _channels(edits: Sequence[Edit], site_channels: dict[str, int]) -> tuple[int, int]:
@@ -460,7 +499,7 @@ def _best_training_form(loop: _Loop) -> tuple[nn.Module, list[dict[str, Any]]]:
     if checkpoints is None:
         raise TLCError("the best step is not the last one and no checkpoints were kept; pass out_dir")
     best = loop.rebuild(state.best_edits)
-    best.load_state_dict(step_weights(checkpoints, state.best_step))
+    best.load_state_dict(distributed.on_main(step_weights, checkpoints, state.best_step))
     return best.eval(), state.best_edits
 
 
@@ -489,9 +528,7 @@ def _report(loop: _Loop, deployed: nn.Module, edits: list[Edit]) -> tuple:
     if outputs.test_data is not None:
         before["test_accuracy"] = loop.evaluate(loop.original, outputs.test_data)["accuracy"]
         after["test_accuracy"] = loop.evaluate(deployed, outputs.test_data)["accuracy"]
-    comparison = compare(loop.original, deployed, run.example_inputs, batch_sizes=tuple(outputs.latency_batch_sizes),
-                         backends=tuple(outputs.latency_backends), device=str(run.device),
-                         labels=("original", "compressed"))
+    latency = distributed.on_main(_compare, loop.original, deployed, run, outputs)  # rank 0's clock
     steps = [StepRecord(**h) for h in state.history]
     report = {
         "tlc_version": tlc.__version__,
@@ -500,7 +537,7 @@ def _report(loop: _Loop, deployed: nn.Module, edits: list[Edit]) -> tuple:
         "model": outputs.model_spec, "data": outputs.data_spec, "device": str(run.device),
         "threads": torch.get_num_threads(),
         "original": before, "compressed": after,
-        "latency": comparison.to_dict(),
+        "latency": latency,
         "steps": [asdict(s) for s in steps],
         "chosen_step": state.best_step, "stop_reason": state.stop_reason,
         "sites_collapsed": [s for e in edits for s in e.sites],
@@ -514,6 +551,12 @@ def _report(loop: _Loop, deployed: nn.Module, edits: list[Edit]) -> tuple:
                                   state.history, config.max_acc_drop),
     }
     return before, after, steps, state.stop_reason, state.best_step, report
+
+
+def _compare(original: nn.Module, deployed: nn.Module, run: RunContext, outputs: Outputs) -> dict[str, Any]:
+    return compare(original, deployed, run.example_inputs, batch_sizes=tuple(outputs.latency_batch_sizes),
+                   backends=tuple(outputs.latency_backends), device=str(run.device),
+                   labels=("original", "compressed")).to_dict()
 
 
 def write_outputs(out: Path, result: CompressionResult, example: ExampleInputs) -> None:

@@ -127,6 +127,24 @@ def remove_checkpoint(directory: str | Path, name: str) -> None:
         (directory / f"{name}{suffix}").unlink(missing_ok=True)
 
 
+def remove_checkpoints(directory: str | Path) -> None:
+    """Delete every checkpoint in `directory` (complete or not), then the folder itself when that leaves it
+    empty: what a finished training no longer needs."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for name in {path.name[: -len(_META)] for path in directory.glob(f"*{_META}")}:
+        remove_checkpoint(directory, name)
+    if not any(directory.iterdir()):
+        directory.rmdir()
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """`model`'s state dict as a safetensors file, written atomically (CPU copies; nothing pickled)."""
+    state = {key: _cpu_copy(key, value) for key, value in model.state_dict().items()}
+    _atomic_write(Path(path), lambda tmp: save_file(state, str(tmp)))
+
+
 def _natural_key(name: str) -> list[tuple[int, int | str]]:
     """Sort key comparing digit runs as numbers."""
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part]

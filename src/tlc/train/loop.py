@@ -36,6 +36,7 @@ from tlc.train.checkpoint import (
     complete_checkpoints,
     latest_complete,
     load_checkpoint,
+    read_state,
     remove_checkpoint,
     save_checkpoint,
 )
@@ -124,6 +125,7 @@ def fit(
                 run.save(Path(checkpoint_dir))
     if config.channels_last:
         model.to(memory_format=torch.contiguous_format)
+    distributed.broadcast_state(model)  # the same buffers (batch-norm statistics) on every rank
     return FitResult(
         epochs=run.step / run.batches_per_epoch,
         steps=run.step,
@@ -175,6 +177,18 @@ def evaluate(
     if samples == 0:
         raise SpecError("evaluate: the data yielded no samples")
     return {"loss": loss / samples, "accuracy": correct / samples, "samples": int(samples)}
+
+
+def drop_other_world(checkpoint_dir: str | Path) -> str | None:
+    """Delete the checkpoints of `checkpoint_dir` that another number of processes wrote (`fit` refuses to
+    resume them: the data each rank saw differs) and return the latest one's name, None when there is none.
+    Callers that resume an interrupted run with another number of processes restart that fine-tuning."""
+    world, dropped = distributed.world_size(), None
+    for name in complete_checkpoints(checkpoint_dir, CHECKPOINT_PREFIX):
+        if read_state(checkpoint_dir, name).get("run", {}).get("world_size", 1) != world:
+            remove_checkpoint(checkpoint_dir, name)
+            dropped = name
+    return dropped
 
 
 def logits_of(model: nn.Module, inputs: ExampleInputs) -> torch.Tensor:
@@ -243,7 +257,25 @@ class _Run:
         return json.loads(json.dumps(run))
 
     def prepare(self, directory: Path, resume: bool) -> str | None:
-        """Load the latest checkpoint of `directory` when resuming; refuse to overwrite one otherwise."""
+        """Load the latest checkpoint of `directory` when resuming; refuse to overwrite one otherwise. In a
+        distributed run rank 0 reads it and hands it to the others (only rank 0 needs the folder)."""
+        found = distributed.on_main(self._read, directory, resume)
+        if found is None:
+            return None
+        name, tensors, state, optimizer = found
+        try:
+            self.model.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise TLCError(f"checkpoint {directory / name} does not fit the model: {e}") from e
+        self.optimizer.load_state_dict(optimizer["optimizer"])
+        self.scheduler.load_state_dict(optimizer["scheduler"])
+        self.scaler.load_state_dict(optimizer["scaler"])
+        self.epoch, self.step, self.samples_seen = state["epoch"], state["step"], state["samples_seen"]
+        self.epoch_losses = list(state["epoch_losses"])
+        return name
+
+    def _read(self, directory: Path, resume: bool) -> tuple | None:
+        """(name, tensors, state, optimizer state) of the checkpoint to resume from, None when there is none."""
         name = latest_complete(directory, CHECKPOINT_PREFIX)
         if name is None:
             return None
@@ -261,16 +293,7 @@ class _Run:
             )
         if optimizer is None:
             raise TLCError(f"checkpoint {directory / name} has no optimizer state and cannot be resumed")
-        try:
-            self.model.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise TLCError(f"checkpoint {directory / name} does not fit the model: {e}") from e
-        self.optimizer.load_state_dict(optimizer["optimizer"])
-        self.scheduler.load_state_dict(optimizer["scheduler"])
-        self.scaler.load_state_dict(optimizer["scaler"])
-        self.epoch, self.step, self.samples_seen = state["epoch"], state["step"], state["samples_seen"]
-        self.epoch_losses = list(state["epoch_losses"])
-        return name
+        return name, tensors, state, optimizer
 
     def save(self, directory: Path) -> None:
         """Write this epoch's checkpoint (rank 0 only) and delete the older ones."""

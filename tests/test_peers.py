@@ -1,0 +1,191 @@
+"""The Torch-Pruning width baseline: pruning to a MAC target, fine-tuning, saving and rebuilding."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+pytest.importorskip("torch_pruning", reason="the width baseline needs the optional package torch-pruning")
+
+from tlc.errors import TLCError  # noqa: E402
+from tlc.measure import count_macs  # noqa: E402
+from tlc.run import peers  # noqa: E402
+from tlc.run.peers import STEPS, WidthJob, prune_to_macs, require_torch_pruning, run_width_baseline  # noqa: E402
+from tlc.train import FitConfig  # noqa: E402
+from tlc.zoo.cifar import cifar_resnet18, tiny_cnn  # noqa: E402
+
+from .helpers import randomize_bn, same_weights  # noqa: E402
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def _calibration() -> list:
+    data = _data(16, 3)
+    return [(data.tensors[0][i:i + 8], data.tensors[1][i:i + 8]) for i in (0, 8)]
+
+
+def _job(model: nn.Module, target: int, **changes) -> WidthJob:
+    fields = dict(model=model, train_data=_data(32, 1), val_data=_data(16, 2), test_data=_data(16, 4),
+                  collate_fn=None, example_inputs=X, calibration=_calibration(),
+                  finetune=FitConfig(epochs=2, batch_size=16, lr=0.01), target_macs=target, progress=False,
+                  log=lambda line: None)
+    return WidthJob(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("build", [tiny_cnn, lambda: cifar_resnet18(width=8)], ids=["tiny_cnn", "cifar_resnet18"])
+def test_pruned_to_the_target_and_still_runs(build):
+    model = randomize_bn(build()).eval()
+    before = copy.deepcopy(model)
+    base = count_macs(model, X[:1])
+    pruned, info = prune_to_macs(model, X, base // 2)
+    assert info["reached"] and info["macs"] <= base // 2 and 0 < info["rounds"] < STEPS
+    assert info["macs"] == count_macs(pruned, X[:1]) and info["macs"] > base // 4  # small steps: not far below
+    assert info["params"] < sum(p.numel() for p in model.parameters())
+    assert pruned(X).shape == model(X).shape
+    assert same_weights(model, before)  # the input model is untouched
+    assert [m.weight.shape for m in model.modules() if isinstance(m, nn.Conv2d)] == \
+        [m.weight.shape for m in before.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_replaying_the_rounds_gives_the_same_architecture():
+    model = randomize_bn(tiny_cnn()).eval()
+    base = count_macs(model, X[:1])
+    pruned, info = prune_to_macs(model, X, base // 3, importance="taylor", calibration=_calibration())
+    replayed, again = prune_to_macs(model, X, base // 3, rounds=info["rounds"])
+    assert again["rounds"] == info["rounds"] and again["macs"] == info["macs"]
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (replayed, pruned)]
+    assert shapes[0] == shapes[1]
+    unpruned, none = prune_to_macs(model, X, 0, rounds=0)
+    assert none["rounds"] == 0 and not none["reached"] and same_weights(unpruned, model)
+
+
+def test_taylor_uses_the_calibration_gradients():
+    model = randomize_bn(tiny_cnn()).eval()
+    base = count_macs(model, X[:1])
+    magnitude, _ = prune_to_macs(model, X, base // 2)
+    taylor, info = prune_to_macs(model, X, base // 2, importance="taylor", calibration=_calibration())
+    assert info["importance"] == "taylor" and info["reached"] and taylor(X).shape == (2, 10)
+    assert all(p.grad is None for p in taylor.parameters()) and all(p.grad is None for p in model.parameters())
+    kept = [(m.weight.shape, m.weight) for m in (magnitude.conv1, taylor.conv1)]
+    assert kept[0][0] == kept[1][0] and not torch.equal(kept[0][1], kept[1][1])  # same shapes, other channels
+    with pytest.raises(TLCError, match="calibration"):
+        prune_to_macs(model, X, base // 2, importance="taylor")
+
+
+def test_an_unreachable_target_is_reported_not_looped_on():
+    model = tiny_cnn(width=128).eval()  # the last step asks for all of conv3's 256 channels: some stay
+    pruned, info = prune_to_macs(model, X, 1)
+    assert not info["reached"] and info["rounds"] == STEPS and info["macs"] > 1
+    assert pruned(X).shape == (2, 10) and pruned.conv3.out_channels >= 1 and pruned.conv1.out_channels >= 1
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters detected")
+def test_bad_arguments_and_unprunable_models_are_one_line_errors():
+    with pytest.raises(TLCError, match="importance='random'"):
+        prune_to_macs(tiny_cnn(), X, 10, importance="random")
+    with pytest.raises(TLCError, match="target_macs"):
+        prune_to_macs(tiny_cnn(), X, -1)
+    with pytest.raises(TLCError, match="unknown width baseline 'nope'"):
+        run_width_baseline("nope", _job(tiny_cnn(), 10), None)
+
+    class NoLayers(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    class Scrambled(nn.Module):  # a hand-written weight and a channel permutation Torch-Pruning cannot follow
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.mix = nn.Parameter(torch.randn(8, 8))
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.conv(x).mean((2, 3))
+            return self.fc(y @ self.mix + y.flip(1).reshape(-1, 2, 4).transpose(1, 2).reshape(-1, 8))
+
+    for model, expected in ((NoLayers(), "NoLayers has no convolution"), (Scrambled(), "left Scrambled unable to run")):
+        with pytest.raises(TLCError, match=expected) as caught:
+            prune_to_macs(model, X, 10)
+        assert "\n" not in str(caught.value)
+
+
+def test_missing_package_message(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(TLCError) as caught:
+        require_torch_pruning()
+    assert str(caught.value) == ("the torch-pruning baseline needs the optional package torch-pruning: "
+                                 "pip install 'tlc[peers]'")
+    with pytest.raises(TLCError, match="pip install"):
+        run_width_baseline("torch-pruning", _job(tiny_cnn(), 10), tmp_path)
+
+
+def test_baseline_saves_then_rebuilds_without_training(tmp_path, monkeypatch):
+    model = randomize_bn(tiny_cnn()).eval()
+    before = copy.deepcopy(model)
+    job = _job(model, count_macs(model, X[:1]) // 2)
+    trained, record = run_width_baseline("torch-pruning", job, tmp_path)
+    assert same_weights(model, before)
+    assert {p.name for p in tmp_path.iterdir()} == {"weights.safetensors", "baseline.json"}  # checkpoints gone
+    assert json.loads((tmp_path / "baseline.json").read_text()) == record
+    assert record["name"] == "torch-pruning" and record["method"] == "torch-pruning"
+    assert record["importance"] == "magnitude" and record["reached"] and record["macs"] <= job.target_macs
+    assert record["finetune_epochs"] == 2 and 0 <= record["val_accuracy"] <= 1 and record["test_accuracy"] is not None
+    assert record["depth"] == 4 and record["activations"] == 3 and record["torch_pruning"]
+    assert record["macs"] == count_macs(trained, X[:1])
+    assert not same_weights(trained, prune_to_macs(model, X, 0, rounds=record["rounds"])[0])  # fine-tuned
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the saved baseline was trained again")
+
+    monkeypatch.setattr(peers, "fit", no_training)
+    rebuilt, again = run_width_baseline("torch-pruning", job, tmp_path)
+    assert again == record and same_weights(rebuilt, trained)
+    assert torch.equal(rebuilt(X), trained(X))
+
+    with pytest.raises(TLCError, match="remove the folder"):
+        run_width_baseline("torch-pruning", _job(model, job.target_macs - 1), tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(TLCError, match="does not fit the replayed pruned model"):
+        run_width_baseline("torch-pruning", job, tmp_path)
+
+
+def test_a_killed_baseline_continues_its_fine_tuning(tmp_path, monkeypatch):
+    model = randomize_bn(tiny_cnn()).eval()
+    job = _job(model, count_macs(model, X[:1]) // 2, test_data=None)
+    uninterrupted, record = run_width_baseline("torch-pruning-taylor", job, tmp_path / "a")
+    assert record["importance"] == "taylor" and record["test_accuracy"] is None
+
+    real_evaluate, runs = peers.evaluate, []
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def recorded(*args, **kwargs):
+        runs.append(real_fit(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(peers, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_width_baseline("torch-pruning-taylor", job, tmp_path / "b")
+    assert (tmp_path / "b" / "fit").is_dir() and not (tmp_path / "b" / "baseline.json").exists()
+    real_fit = peers.fit
+    monkeypatch.setattr(peers, "evaluate", real_evaluate)
+    monkeypatch.setattr(peers, "fit", recorded)
+    resumed, again = run_width_baseline("torch-pruning-taylor", job, tmp_path / "b")
+    assert runs[0].resumed_from is not None  # the fine-tuning continued from its checkpoint
+    assert same_weights(resumed, uninterrupted)
+    assert {k: v for k, v in again.items() if k != "wall_time_s"} == \
+        {k: v for k, v in record.items() if k != "wall_time_s"}
