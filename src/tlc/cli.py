@@ -449,7 +449,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, spec, data = _load(args.model, args.data, args)
-    run = _family_recipe(model, RunConfig(), args)
+    run = _family_recipe(model, RunConfig(finetune=_run_overrides(args, RunConfig().finetune)["finetune"]), args)
     out = Path(args.out)
     if args.train_epochs:
         _pretrain(model, data, args.train_epochs, out, args, args.quiet)

@@ -133,11 +133,9 @@ def compare(
         for backend in backends:
             paths = [files.enter_context(onnx_model_file(m, example_inputs, backend, None)) for m in models]
             for batch_size in batch_sizes:
-                rows.append(_measure_pair(
-                    models, paths, rebatch(example_inputs, batch_size), backend=backend, device=device,
-                    threads=threads, channels_last=channels_last and backend == "eager", warmup=warmup,
-                    rounds=rounds, burst=burst,
-                ))
+                session = _Session(backend, device, threads, channels_last and backend == "eager", warmup, rounds,
+                                   burst)
+                rows.append(_measure_pair(models, paths, rebatch(example_inputs, batch_size), session))
     return Comparison(
         labels=labels,
         params=(count_params(model_a), count_params(model_b)),
@@ -154,73 +152,62 @@ def compare(
 _ROW_STATS = ("median_ms", "p10_ms", "p90_ms")
 
 
-def _measure_pair(
-    models: tuple[nn.Module, nn.Module],
-    paths: list[Path | None],
-    inputs: ExampleInputs,
-    *,
-    backend: str,
-    device: str | torch.device,
-    threads: int | None,
-    channels_last: bool,
-    warmup: int,
-    rounds: int,
-    burst: int,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Session:
+    """How one (backend, batch size) row is timed."""
+
+    backend: str
+    device: str | torch.device
+    threads: int | None
+    channels_last: bool
+    warmup: int
+    rounds: int
+    burst: int
+
+
+def _measure_pair(models: tuple[nn.Module, nn.Module], paths: list[Path | None], inputs: ExampleInputs,
+                  session: _Session) -> dict[str, Any]:
     """One comparison row: interleaved bursts of both models on `inputs`."""
-    stats, medians = _interleave(list(models), paths, inputs, backend=backend, device=device, threads=threads,
-                                 channels_last=channels_last, warmup=warmup, rounds=rounds, burst=burst)
+    stats, medians = _interleave(list(models), paths, inputs, session)
     ratios = [a / b for a, b in zip(medians[0], medians[1])]
     q1, median, q3 = np.percentile(ratios, [25, 50, 75])
     return {
-        "backend": backend,
+        "backend": session.backend,
         "batch_size": batch_size_of(inputs),
         **{f"{k}_{f}": getattr(st, f) for k, st in zip("ab", stats) for f in _ROW_STATS},
         "ratio": float(median),
         "ratio_q1": float(q1),
         "ratio_q3": float(q3),
-        "rounds": rounds,
+        "rounds": session.rounds,
         "timed_calls": stats[0].repeats,
         "threads": stats[0].threads,
     }
 
 
-def _interleave(
-    models: list[nn.Module],
-    paths: Sequence[Path | None],
-    inputs: ExampleInputs,
-    *,
-    backend: str,
-    device: str | torch.device,
-    threads: int | None,
-    channels_last: bool,
-    warmup: int,
-    rounds: int,
-    burst: int,
-) -> tuple[list[LatencyStats], list[list[float]]]:
+def _interleave(models: list[nn.Module], paths: Sequence[Path | None], inputs: ExampleInputs,
+                session: _Session) -> tuple[list[LatencyStats], list[list[float]]]:
     """Time `models` in interleaved rounds: each round a burst of every model, the order rotated and reversed
     from round to round so that drift hits all alike. Returns each model's stats over all its calls and its
     per-round burst medians (the material of per-round ratios)."""
     runners = [
-        make_runner(m, inputs, backend=backend, device=device, threads=threads, channels_last=channels_last,
-                    onnx_path=p)
+        make_runner(m, inputs, backend=session.backend, device=session.device, threads=session.threads,
+                    channels_last=session.channels_last, onnx_path=p)
         for m, p in zip(models, paths)
     ]
-    clock = runners[0][2]
-    count = len(models)
+    clock, count, burst = runners[0][2], len(models), session.burst
     samples: list[list[float]] = [[] for _ in models]
     medians: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for fn, _, _ in runners:
-            time_callable(fn, warmup=warmup, repeats=0, device=clock)
-        for r in range(rounds):
+            time_callable(fn, warmup=session.warmup, repeats=0, device=clock)
+        for r in range(session.rounds):
             order = [(i + r // 2) % count for i in range(count)]
             for i in (order if r % 2 == 0 else order[::-1]):
                 times = time_callable(runners[i][0], warmup=0, repeats=burst, device=clock)
                 samples[i].extend(times)
                 medians[i].append(float(np.median(times)))
-    conditions = dict(warmup=warmup, batch_size=batch_size_of(inputs), backend=backend,
-                      device=str(torch.device(device)), channels_last=channels_last)
+    conditions = dict(warmup=session.warmup, batch_size=batch_size_of(inputs), backend=session.backend,
+                      device=str(torch.device(session.device)), channels_last=session.channels_last)
     stats = [LatencyStats.from_samples(s, threads=t, **conditions) for s, (_, t, _) in zip(samples, runners)]
     return stats, medians
 
@@ -286,9 +273,8 @@ def line_up(
             for batch_size in batch_sizes:
                 if progress is not None:
                     progress(f"timing {len(modules)} models: {backend}, batch {batch_size}")
-                stats, medians = _interleave(modules, paths, rebatch(example_inputs, batch_size), backend=backend,
-                                             device=device, threads=threads, channels_last=False, warmup=warmup,
-                                             rounds=rounds, burst=burst)
+                session = _Session(backend, device, threads, False, warmup, rounds, burst)
+                stats, medians = _interleave(modules, paths, rebatch(example_inputs, batch_size), session)
                 rows.append(_line_up_row(labels, references, stats, medians, backend, batch_size))
     return LineUp(labels=labels, references=list(references),
                   params={k: count_params(m) for k, m in models.items()},
