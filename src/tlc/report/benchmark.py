@@ -36,7 +36,7 @@ def benchmark_cells(row: dict[str, Any], original: dict[str, Any], keys: list[st
     cells += [_speed(row, key) for key in keys]
     cells += [_speed(row, keys[0], "bn-folded") if keys else "-",
               f"{row.get('wall_time_s', 0.0):.0f}" if row["kind"] != "original" else "",
-              f"{row.get('finetune_epochs', 0.0):g}" if row["kind"] != "original" else "", _note(row)]
+              f"{row.get('finetune_epochs', 0.0):.2f}" if row["kind"] != "original" else "", _note(row)]
     return cells
 
 
