@@ -178,3 +178,17 @@ def test_paper_preset_folds_once_and_resumes_with_identical_weights(trained, dig
     assert [s.evidence for s in resumed.steps] == [s.evidence for s in full.steps]
     assert resumed.stop_reason == full.stop_reason
     assert same_weights(resumed.training_model, full.training_model)
+
+
+def test_with_no_step_within_the_budget_the_result_is_the_original_not_its_prepared_mix(trained, digits, tmp_path):
+    """The mix starts at a = 0.85, which changes what the network computes before any step: when no step fits
+    the budget, the result must be the original as given (no make_learnable edit), not that prepared model."""
+    data, _, _ = digits
+    result = _compress(trained, digits, tmp_path / "run", max_acc_drop=0.0, max_steps=1,
+                       finetune=FitConfig(epochs=0.1, lr=0.5, batch_size=32))
+    assert result.chosen_step == 0 and result.edits == [] and result.report["sites_collapsed"] == []
+    x = data.example_inputs(4)
+    with torch.no_grad():
+        assert rel_err(trained(x), result.model(x)) < 1e-5
+        assert rel_err(trained(x), tlc.load(tmp_path / "run", model=SmallCNN())(x)) < 1e-5
+    assert result.compressed["val_accuracy"] == result.original["val_accuracy"]

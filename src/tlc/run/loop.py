@@ -488,10 +488,8 @@ def _step_line(record: StepRecord, baseline: dict[str, Any]) -> str:
 
 
 def _best_training_form(loop: _Loop) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """The training form of the best step within the budget (the prepared model when there is none)."""
+    """The training form of the best step within the budget (one step at least)."""
     state = loop.state
-    if state.best_step == 0:
-        return loop.prepared, []
     last_kept = max((h["step"] for h in state.history if h["accepted"]), default=0)
     if state.best_step == last_kept:  # the current model is that of the last kept step
         return loop.current, state.edits
@@ -504,11 +502,17 @@ def _best_training_form(loop: _Loop) -> tuple[nn.Module, list[dict[str, Any]]]:
 
 
 def _finish(loop: _Loop) -> CompressionResult:
-    """Finalize, fine-tune and merge the best model; measure it against the original."""
+    """Finalize, fine-tune and merge the best model; measure it against the original. When no step stayed
+    within the budget the result is the original as given: a method's preparation (a learnable activation
+    at its initial value) may already change what the network computes, and is not kept either."""
     run, config, state = loop.run, loop.config, loop.state
+    if state.best_step == 0:
+        original = copy.deepcopy(loop.original).eval()
+        deployed = merge(original, run.example_inputs, policy=config.policy)
+        return CompressionResult(deployed, original, *_report(loop, deployed, []), edits=[])
     best, best_edits = _best_training_form(loop)
     best, final_edits = apply_edits(best, loop.method.finalize(best, run), run.example_inputs)
-    if config.final_finetune_epochs > 0 and state.best_step > 0:
+    if config.final_finetune_epochs > 0:
         final = dataclasses.replace(config.finetune, epochs=config.final_finetune_epochs)
         fit(best, run.train_data, final, collate_fn=run.collate_fn, device=run.device,
             seed=derive_seed(config.seed, 10**6), teacher=loop.original if config.distill else None,
