@@ -372,7 +372,7 @@ def _run_baseline(contest: Contest, name: str, state: dict[str, Any], models: di
         _save_state(contest, state)
         return
     contest.log(f"=== {name}: pruned to the MACs of {best['label']} ({best['macs'] / 1e6:.2f}M), "
-                f"{best['finetune_epochs']:g} fine-tuning epochs ===")
+                f"{best['finetune_epochs']:.2f} fine-tuning epochs ===")
     job = WidthJob(contest.model, contest.train_data, contest.val_data, contest.test_data, contest.collate_fn,
                    contest.example_inputs, _calibration(contest), _width_finetune(contest, best),
                    int(best["macs"]), seed=int(contest.overrides.get("seed", 0)), device=contest.device,
