@@ -58,6 +58,34 @@ def test_pruned_to_the_target_and_still_runs(build):
         [m.weight.shape for m in before.modules() if isinstance(m, nn.Conv2d)]
 
 
+class _TinyViT(nn.Module):
+    """Patch embedding, one pre-norm block with nn.MultiheadAttention (3 heads) and an MLP, head."""
+
+    def __init__(self, dim: int = 48):
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, 4, 4)
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, 3, batch_first=True)
+        self.norm2, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(),
+                                                                nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+def test_attention_widths_stay_divisible_by_the_heads():
+    torch.manual_seed(0)
+    model, x = _TinyViT().eval(), torch.randn(2, 1, 16, 16)
+    target = count_macs(model, x[:1]) // 2
+    pruned, info = prune_to_macs(model, x, target)
+    assert info["reached"] and info["macs"] <= target and pruned(x).shape == (2, 10)
+    assert pruned.attn.embed_dim % 3 == 0 and pruned.attn.embed_dim < 48
+
+
 def test_replaying_the_rounds_gives_the_same_architecture():
     model = randomize_bn(tiny_cnn()).eval()
     base = count_macs(model, X[:1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -194,13 +195,16 @@ def _check_arguments(target_macs: int, importance: str, calibration: list | None
 
 
 def _pruner(tp: ModuleType, model: nn.Module, example: ExampleInputs, importance: str) -> Any:
-    """Torch-Pruning's pruner over `model`: local ranking, STEPS steps up to every channel, classifier kept."""
+    """Torch-Pruning's pruner over `model`: local ranking, STEPS steps up to every channel, classifier kept;
+    channel counts kept multiples of the attention heads of any `nn.MultiheadAttention` (its embedding
+    width must stay divisible by them)."""
     args, kwargs = as_call(example)
     scorer = (tp.importance.GroupTaylorImportance() if importance == "taylor"
               else tp.importance.GroupMagnitudeImportance(p=2))
+    heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     return tp.pruner.BasePruner(
         model, example, importance=scorer, global_pruning=False, pruning_ratio=1.0, iterative_steps=STEPS,
-        ignored_layers=[_classifier(model, example)],
+        ignored_layers=[_classifier(model, example)], round_to=math.lcm(*heads) if heads else None,
         forward_fn=lambda m, _: m(*args, **kwargs), output_transform=output_tensors,
     )
 
