@@ -133,6 +133,10 @@ def test_a_method_that_cannot_run_gets_a_row_that_says_why(trained, digits, tmp_
     assert row["reason"] == "no activation site this method can read"
     assert "latency" not in row and "not run: no activation site" in str(result)
     assert (tmp_path / "pareto.png").is_file()
+    monkeypatch.setattr(bench.tlc, "compress", real)  # resumed: the refused method is tried again, tlc is not
+    resumed = _run(trained, digits, tmp_path, methods=["tlc", "easier"], resume=True)
+    assert [r["status"] for r in resumed.rows] == ["done"] * 3 and resumed.rows[1] == result.rows[1] | {
+        "latency": resumed.rows[1]["latency"]}
 
 
 def test_bad_method_lists_and_settings_are_refused_before_any_work(trained, digits, tmp_path):

@@ -260,15 +260,13 @@ def _save_state(contest: Contest, state: dict[str, Any]) -> None:
 
 
 def _run_entry(contest: Contest, entry: Entry, state: dict[str, Any], models: dict[str, nn.Module]) -> None:
-    """Run one method (or load its finished result) and record its row."""
+    """Run one method (or load its finished result) and record its row; one that could not run is tried
+    again when the benchmark resumes (a refusal costs little, and its cause may have been fixed)."""
     folder = contest.folder(entry.folder)
     row = state["entries"].get(entry.label)
     if row and row["status"] == "done":
         contest.log(f"{entry.label}: done earlier, loading {folder}")
         models[entry.label] = load(folder, model=contest.model, device=contest.device)
-        return
-    if row and row["status"] == "failed":
-        contest.log(f"{entry.label}: failed earlier ({row['reason']})")
         return
     contest.log(f"=== {entry.label} ===")
     began = time.perf_counter()
@@ -360,10 +358,6 @@ def _run_baseline(contest: Contest, name: str, state: dict[str, Any], models: di
     """Prune the base to the MACs of the best depth result, fine-tune it for the same epochs; its row."""
     from tlc.run.peers import BASELINES, WidthJob, run_width_baseline
 
-    row = state["entries"].get(name)
-    if row and row["status"] == "failed":
-        contest.log(f"{name}: {row['reason']}")
-        return
     original = _original_row(contest, state)
     best = best_depth_row(list(state["entries"].values()), original)
     if best is None:
