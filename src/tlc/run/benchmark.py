@@ -80,13 +80,15 @@ def parse_entries(specs: Sequence[str] | None) -> list[Entry]:
 
 @dataclass
 class Timing:
-    """How the results are timed side by side: batch 1 and ``batch_size``, on each backend."""
+    """How the results are timed side by side: batch 1 and ``batch_size``, on each backend; ``repeats`` calls
+    of each model in ``rounds`` interleaved rounds (more than a two-model comparison: a sub-millisecond model
+    timed in a handful of short bursts varies by tens of percent from one session to the next)."""
 
     batch_size: int = 32
     backends: tuple[str, ...] = ("eager", "onnxruntime")
     threads: int | None = None
-    repeats: int = 30
-    rounds: int = 5
+    repeats: int = 80
+    rounds: int = 10
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.repeats < 1 or self.rounds < 1:
