@@ -310,8 +310,9 @@ def _shape(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: stats.get(k) for k in ("depth", "activations", "params", "unique_params", "macs", "weights_bytes")}
 
 
-def _failed_row(label: str, method: str, preset: str, reason: str, seconds: float) -> dict[str, Any]:
-    return {"label": label, "method": method, "preset": preset, "kind": "depth", "status": "failed",
+def _failed_row(label: str, method: str, preset: str, reason: str, seconds: float,
+                kind: str = "depth") -> dict[str, Any]:
+    return {"label": label, "method": method, "preset": preset, "kind": kind, "status": "failed",
             "changed": False, "reason": reason, "wall_time_s": seconds}
 
 
@@ -364,7 +365,8 @@ def _run_baseline(contest: Contest, name: str, state: dict[str, Any], models: di
     best = best_depth_row(list(state["entries"].values()), original)
     if best is None:
         state["entries"][name] = _failed_row(name, "torch-pruning", BASELINES[name],
-                                             "no method result has fewer MACs than the original to match", 0.0)
+                                             "no method result has fewer MACs than the original to match", 0.0,
+                                             kind="width")
         _save_state(contest, state)
         return
     contest.log(f"=== {name}: pruned to the MACs of {best['label']} ({best['macs'] / 1e6:.2f}M), "
@@ -379,7 +381,7 @@ def _run_baseline(contest: Contest, name: str, state: dict[str, Any], models: di
     except TLCError as exc:
         reason = str(exc).strip().splitlines()[0]
         contest.log(f"{name}: cannot run on this model: {reason}")
-        state["entries"][name] = _failed_row(name, "torch-pruning", BASELINES[name], reason, 0.0)
+        state["entries"][name] = _failed_row(name, "torch-pruning", BASELINES[name], reason, 0.0, kind="width")
     else:
         models[name] = pruned
         state["entries"][name] = {
