@@ -122,30 +122,15 @@ def compare(
     to the eager backend only; for onnxruntime each model is exported (and verified) once and reused for
     every batch size.
     """
-    if rounds < 1 or repeats < 1:
-        raise SpecError(f"rounds and repeats must be >= 1, got rounds={rounds}, repeats={repeats}")
-    if threads is None and torch.device(device).type == "cpu":
-        threads = physical_cores()
-    models = (model_a, model_b)
-    burst = math.ceil(repeats / rounds)
-    rows = []
-    with torch_threads(threads) as used_threads, ExitStack() as files:
-        for backend in backends:
-            paths = [files.enter_context(onnx_model_file(m, example_inputs, backend, None)) for m in models]
-            for batch_size in batch_sizes:
-                session = _Session(backend, device, threads, channels_last and backend == "eager", warmup, rounds,
-                                   burst)
-                rows.append(_measure_pair(models, paths, rebatch(example_inputs, batch_size), session))
+    timing = _Timing(warmup, repeats, rounds, device, threads, channels_last)
+    rows, settings = _time_rows({"a": model_a, "b": model_b}, example_inputs, ["a"], batch_sizes, backends, timing)
     return Comparison(
         labels=labels,
         params=(count_params(model_a), count_params(model_b)),
         macs=(count_macs(model_a, example_inputs), count_macs(model_b, example_inputs)),
         example_batch_size=batch_size_of(example_inputs),
-        rows=rows,
-        settings=dict(
-            device=str(torch.device(device)), threads=used_threads, warmup=warmup, rounds=rounds,
-            burst=burst, timed_calls=rounds * burst, channels_last=channels_last,
-        ),
+        rows=[_pair_row(row) for row in rows],
+        settings=settings,
     )
 
 
@@ -165,22 +150,20 @@ class _Session:
     burst: int
 
 
-def _measure_pair(models: tuple[nn.Module, nn.Module], paths: list[Path | None], inputs: ExampleInputs,
-                  session: _Session) -> dict[str, Any]:
-    """One comparison row: interleaved bursts of both models on `inputs`."""
-    stats, medians = _interleave(list(models), paths, inputs, session)
-    ratios = [a / b for a, b in zip(medians[0], medians[1])]
-    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+def _pair_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A comparison row (a_*, b_* statistics, ratio a / b with quartiles) from a line-up row of "a" and "b"."""
+    sides = row["models"]
+    speed = sides["b"]["speedup"]["a"]  # a's latency over b's, per round
     return {
-        "backend": session.backend,
-        "batch_size": batch_size_of(inputs),
-        **{f"{k}_{f}": getattr(st, f) for k, st in zip("ab", stats) for f in _ROW_STATS},
-        "ratio": float(median),
-        "ratio_q1": float(q1),
-        "ratio_q3": float(q3),
-        "rounds": session.rounds,
-        "timed_calls": stats[0].repeats,
-        "threads": stats[0].threads,
+        "backend": row["backend"],
+        "batch_size": row["batch_size"],
+        **{f"{k}_{f}": sides[k][f] for k in "ab" for f in _ROW_STATS},
+        "ratio": speed["ratio"],
+        "ratio_q1": speed["q1"],
+        "ratio_q3": speed["q3"],
+        "rounds": row["rounds"],
+        "timed_calls": row["timed_calls"],
+        "threads": row["threads"],
     }
 
 
@@ -253,19 +236,50 @@ def line_up(
     rounds: int = 5,
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    channels_last: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> LineUp:
     """Parameters, MACs and latency of every model in `models` (label -> module), all timed in one
     interleaved session per (backend, batch size) as :func:`compare` times two, with each model's
     speed-up over every label in `references`. `progress` is told which row is being timed."""
     missing = [r for r in references if r not in models]
-    if missing or rounds < 1 or repeats < 1:
-        raise SpecError(f"line_up: unknown reference(s) {missing}" if missing else
-                        f"rounds and repeats must be >= 1, got rounds={rounds}, repeats={repeats}")
-    if threads is None and torch.device(device).type == "cpu":
+    if missing:
+        raise SpecError(f"line_up: unknown reference(s) {missing}")
+    timing = _Timing(warmup, repeats, rounds, device, threads, channels_last)
+    rows, settings = _time_rows(models, example_inputs, references, batch_sizes, backends, timing, progress)
+    return LineUp(labels=list(models), references=list(references),
+                  params={k: count_params(m) for k, m in models.items()},
+                  macs={k: count_macs(m, rebatch(example_inputs, 1)) for k, m in models.items()},
+                  example_batch_size=1, rows=rows, settings=settings)
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """How a comparison or a line-up times its models (the arguments they share)."""
+
+    warmup: int
+    repeats: int
+    rounds: int
+    device: str | torch.device
+    threads: int | None
+    channels_last: bool
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.repeats < 1:
+            raise SpecError(f"rounds and repeats must be >= 1, got rounds={self.rounds}, repeats={self.repeats}")
+
+
+def _time_rows(models: dict[str, nn.Module], example_inputs: ExampleInputs, references: Sequence[str],
+               batch_sizes: Sequence[int], backends: Sequence[str], timing: _Timing,
+               progress: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One interleaved session per (backend, batch size) over `models`: the line-up rows, and the settings
+    they were timed with. On the CPU, threads default to the physical cores; channels_last applies to the
+    eager backend only; for onnxruntime each model is exported (and verified) once for every batch size."""
+    threads = timing.threads
+    if threads is None and torch.device(timing.device).type == "cpu":
         threads = physical_cores()
     labels, modules = list(models), list(models.values())
-    burst = math.ceil(repeats / rounds)
+    burst = math.ceil(timing.repeats / timing.rounds)
     rows = []
     with torch_threads(threads) as used_threads, ExitStack() as files:
         for backend in backends:
@@ -273,15 +287,14 @@ def line_up(
             for batch_size in batch_sizes:
                 if progress is not None:
                     progress(f"timing {len(modules)} models: {backend}, batch {batch_size}")
-                session = _Session(backend, device, threads, False, warmup, rounds, burst)
+                session = _Session(backend, timing.device, threads, timing.channels_last and backend == "eager",
+                                   timing.warmup, timing.rounds, burst)
                 stats, medians = _interleave(modules, paths, rebatch(example_inputs, batch_size), session)
                 rows.append(_line_up_row(labels, references, stats, medians, backend, batch_size))
-    return LineUp(labels=labels, references=list(references),
-                  params={k: count_params(m) for k, m in models.items()},
-                  macs={k: count_macs(m, rebatch(example_inputs, 1)) for k, m in models.items()},
-                  example_batch_size=1, rows=rows,
-                  settings=dict(device=str(torch.device(device)), threads=used_threads, warmup=warmup,
-                                rounds=rounds, burst=burst, timed_calls=rounds * burst))
+    settings = dict(device=str(torch.device(timing.device)), threads=used_threads, warmup=timing.warmup,
+                    rounds=timing.rounds, burst=burst, timed_calls=timing.rounds * burst,
+                    channels_last=timing.channels_last)
+    return rows, settings
 
 
 def _line_up_row(labels: list[str], references: Sequence[str], stats: list[LatencyStats],
@@ -297,4 +310,4 @@ def _line_up_row(labels: list[str], references: Sequence[str], stats: list[Laten
             speedup[ref] = {"ratio": float(median), "q1": float(q1), "q3": float(q3)}
         models[label] = {**{f: getattr(stats[i], f) for f in _ROW_STATS}, "speedup": speedup}
     return {"backend": backend, "batch_size": batch_size, "threads": stats[0].threads,
-            "rounds": len(medians[0]), "models": models}
+            "rounds": len(medians[0]), "timed_calls": stats[0].repeats, "models": models}
