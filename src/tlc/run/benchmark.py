@@ -30,7 +30,8 @@ from tlc.errors import SpecError, TLCError
 from tlc.io.recipe import load, weights_bytes
 from tlc.measure import activations, count_macs, count_params, depth, rebatch
 from tlc.measure.compare import LineUp, line_up
-from tlc.methods.base import available_methods, build_configs, method_class
+from tlc.methods.base import available_methods, method_class
+from tlc.run.config import RunConfig
 from tlc.run.data import calibration_batches, example_batch
 from tlc.surgery.merge import merge
 from tlc.train import FitConfig, evaluate
@@ -280,7 +281,7 @@ def _run_entry(contest: Contest, entry: Entry, state: dict[str, Any], models: di
             progress=contest.progress, model_spec=contest.model_spec, data_spec=contest.data_spec,
             log=contest.log, **contest.overrides)
     except TLCError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _reason(exc)
         contest.log(f"{entry.label}: cannot run on this model: {reason}")
         state["entries"][entry.label] = _failed_row(entry.label, entry.method, entry.preset, reason,
                                                     time.perf_counter() - began)
@@ -288,6 +289,12 @@ def _run_entry(contest: Contest, entry: Entry, state: dict[str, Any], models: di
         models[entry.label] = result.model
         state["entries"][entry.label] = _method_row(entry, result.report, folder, contest.out_dir)
     _save_state(contest, state)
+
+
+def _reason(exc: TLCError) -> str:
+    """The first line of a refusal, for its row (the error's type when it says nothing)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _method_row(entry: Entry, report: dict[str, Any], folder: Path, out_dir: Path) -> dict[str, Any]:
@@ -379,7 +386,7 @@ def _run_baseline(contest: Contest, name: str, state: dict[str, Any], models: di
     try:
         pruned, record = run_width_baseline(name, job, folder)
     except TLCError as exc:
-        reason = str(exc).strip().splitlines()[0]
+        reason = _reason(exc)
         contest.log(f"{name}: cannot run on this model: {reason}")
         state["entries"][name] = _failed_row(name, "torch-pruning", BASELINES[name], reason, 0.0, kind="width")
     else:
@@ -396,13 +403,12 @@ def _run_baseline(contest: Contest, name: str, state: dict[str, Any], models: di
 
 
 def _calibration(contest: Contest) -> list:
-    config, _ = build_configs(method_class("tlc"), "default", _run_overrides(contest.overrides))
+    """The calibration batches the shared run settings give (what Taylor importance takes gradients on)."""
+    config = RunConfig(**_run_overrides(contest.overrides))
     return calibration_batches(contest.val_data, config, contest.collate_fn, torch.device(contest.device))
 
 
 def _run_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
-    from tlc.run.config import RunConfig
-
     names = {f.name for f in dataclasses.fields(RunConfig)}
     return {k: v for k, v in overrides.items() if k in names}
 
