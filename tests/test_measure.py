@@ -229,10 +229,10 @@ def expensive() -> nn.Module:
 def test_compare_ranks_clearly_different_models_consistently():
     """The expensive model does 64x the MACs; measured it must be clearly slower, run after run.
 
-    Single timings on a shared 2-core machine swing by +-25% and more, and the small model's call
-    (~15 us) is mostly Python overhead, so its burst medians are noisy. With bursts of 10 calls the
-    interleaved ratio of two runs agreed within a factor of 1.3 over 10 trials (1.7-2.3 with bursts
-    of 2-5); the assertion allows a factor of 2.
+    The magnitude of the ratio depends on the machine's load: the small model's call (~15 us) is mostly
+    Python overhead, and a busy neighbour slows the long call more. On 2 cores, 8 runs gave ratios of
+    43-47 on a quiet machine and 63-132 beside a busy process (a factor of 2.1 within one condition). The
+    test asks for what holds under both: a clear ranking in every run, and runs within a factor of 4.
     """
     torch.manual_seed(0)
     a, b = expensive(), nn.Linear(256, 256)
@@ -243,8 +243,8 @@ def test_compare_ranks_clearly_different_models_consistently():
     assert first.macs_ratio == 64.0
     assert first.params == (4 * 256 * 4096 + 2 * 4096 + 2 * 256, 256 * 256 + 256)
     ratios = [run.rows[0]["ratio"] for run in runs]
-    assert min(ratios) > 1.5
-    assert max(ratios) / min(ratios) < 2.0
+    assert min(ratios) > 8.0
+    assert max(ratios) / min(ratios) < 4.0
     row = first.rows[0]
     assert row["a_median_ms"] > row["b_median_ms"]
     assert row["ratio_q1"] <= row["ratio"] <= row["ratio_q3"]
