@@ -86,6 +86,26 @@ def test_attention_widths_stay_divisible_by_the_heads():
     assert pruned.attn.embed_dim % 3 == 0 and pruned.attn.embed_dim < 48
 
 
+def test_hugging_face_attention_keeps_its_heads_and_reshapes_by_the_pruned_head_width():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, max_position_embeddings=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(config).eval()
+    x = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    target = int(0.7 * count_macs(model, {k: v[:1] for k, v in x.items()}))
+    pruned, info = prune_to_macs(model, x, target)
+    assert info["reached"] and info["macs"] <= target
+    for layer in pruned.bert.encoder.layer:
+        attention = layer.attention.self
+        assert attention.num_attention_heads == 4 and attention.query.out_features < 48
+        assert attention.query.out_features == attention.key.out_features == attention.value.out_features
+        assert attention.attention_head_size * 4 == attention.query.out_features == attention.all_head_size
+    assert pruned(**x).logits.shape == (2, 2)
+    replayed, again = prune_to_macs(model, x, target, rounds=info["rounds"])
+    assert again["macs"] == info["macs"]
+
+
 def test_replaying_the_rounds_gives_the_same_architecture():
     model = randomize_bn(tiny_cnn()).eval()
     base = count_macs(model, X[:1])

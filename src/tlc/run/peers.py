@@ -157,6 +157,7 @@ def _prune_in_place(model: nn.Module, example_inputs: ExampleInputs, target_macs
                 if importance == "taylor":
                     _calibration_gradients(model, calibration, device)
                 pruner.step()  # Torch-Pruning skips a group that would leave a layer no channel
+                _sync_head_sizes(model)
                 done += 1
                 macs = _macs_after_step(model, example, what)
     except TLCError:
@@ -197,16 +198,37 @@ def _check_arguments(target_macs: int, importance: str, calibration: list | None
 def _pruner(tp: ModuleType, model: nn.Module, example: ExampleInputs, importance: str) -> Any:
     """Torch-Pruning's pruner over `model`: local ranking, STEPS steps up to every channel, classifier kept;
     channel counts kept multiples of the attention heads of any `nn.MultiheadAttention` (its embedding
-    width must stay divisible by them)."""
+    width must stay divisible by them); the query, key and value of a Hugging Face self-attention lose the
+    same dimensions in every head (Torch-Pruning's `num_heads`), the heads themselves all kept."""
     args, kwargs = as_call(example)
     scorer = (tp.importance.GroupTaylorImportance() if importance == "taylor"
               else tp.importance.GroupMagnitudeImportance(p=2))
     heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    head_counts = {getattr(m, name): m.num_attention_heads for m in _head_attentions(model)
+                   for name in ("query", "key", "value")}
     return tp.pruner.BasePruner(
         model, example, importance=scorer, global_pruning=False, pruning_ratio=1.0, iterative_steps=STEPS,
         ignored_layers=[_classifier(model, example)], round_to=math.lcm(*heads) if heads else None,
+        num_heads=head_counts, prune_head_dims=True, prune_num_heads=False,
         forward_fn=lambda m, _: m(*args, **kwargs), output_transform=output_tensors,
     )
+
+
+def _head_attentions(model: nn.Module) -> list[nn.Module]:
+    """Hugging Face self-attention modules (the BERT family): `query`, `key` and `value` linear layers and the
+    `num_attention_heads` / `attention_head_size` attributes their forward reshapes by."""
+    return [m for m in model.modules()
+            if all(isinstance(getattr(m, name, None), nn.Linear) for name in ("query", "key", "value"))
+            and isinstance(getattr(m, "num_attention_heads", None), int) and hasattr(m, "attention_head_size")]
+
+
+def _sync_head_sizes(model: nn.Module) -> None:
+    """After a pruning step, the per-head width a Hugging Face self-attention reshapes by follows its pruned
+    query (the heads are kept; the softmax scale the model was trained with is kept too)."""
+    for attention in _head_attentions(model):
+        attention.attention_head_size = attention.query.out_features // attention.num_attention_heads
+        if hasattr(attention, "all_head_size"):
+            attention.all_head_size = attention.query.out_features
 
 
 def _classifier(model: nn.Module, example: ExampleInputs) -> nn.Module:
