@@ -5,7 +5,8 @@ and a seeded random half): linearize + merge under "macs" and under "latency" (a
 then both deploy forms measured side by side, interleaved (``tlc.compare``): the ratio macs/latency with its
 interquartile range (above 1: the latency plan is faster). Then the table's predicted latency of each
 latency deploy form and of the batch-norm-folded original (``LatencyTable.predict``) against its measured
-latency, for eager and ONNX Runtime at batch 1 and 32: the relative error of the prediction.
+latency, for eager and ONNX Runtime at batch 1 and 32: the relative error of the prediction, and of the deploy form's
+prediction anchored on the measured original (``predict(..., reference=(original, its latency))``).
 
     python benchmarks/latency_policy.py --threads 1
 
@@ -61,22 +62,42 @@ def policy_row(spec: str, which: str, sites: list[str], model: torch.nn.Module, 
 
 
 def prediction_rows(spec: str, model: torch.nn.Module, x: object, sites: list[str], threads: int) -> list[dict]:
-    """Predicted against measured latency of the BN-folded original and the all-sites latency deploy form."""
+    """Predicted against measured latency of the BN-folded original and the all-sites latency deploy form; the
+    deploy form is also predicted anchored on the measured original (`LatencyTable.predict(reference=...)`)."""
     rows = []
     for backend in ("eager", "onnxruntime"):
         for batch in (1, 32):
             table = LatencyTable(backend=backend, batch_size=batch, threads=threads)
-            deployed = {"bn-folded": tlc.merge(model, x, policy="never"),
+            folded = tlc.merge(model, x, policy="never")
+            deployed = {"bn-folded": folded,
                         "latency-all": tlc.merge(tlc.linearize(model, sites, x, policy="latency", table=table), x,
                                                  table=table)}
+            inputs = rebatch(x, batch)
+            measured = {name: measure_latency(form, inputs, backend=backend, threads=threads).median_ms / 1e3
+                        for name, form in deployed.items()}
             for name, form in deployed.items():
-                inputs = rebatch(x, batch)
                 predicted = table.predict(form, inputs)
-                measured = measure_latency(form, inputs, backend=backend, threads=threads).median_ms / 1e3
-                rows.append({"model": spec, "form": name, "backend": backend, "batch_size": batch,
-                             "predicted_ms": 1e3 * predicted, "measured_ms": 1e3 * measured,
-                             "error": abs(predicted - measured) / measured})
+                row = {"model": spec, "form": name, "backend": backend, "batch_size": batch,
+                       "predicted_ms": 1e3 * predicted, "measured_ms": 1e3 * measured[name],
+                       "error": abs(predicted - measured[name]) / measured[name]}
+                if form is not folded:
+                    anchored = table.predict(form, inputs, reference=(folded, measured["bn-folded"]))
+                    row.update(anchored_ms=1e3 * anchored,
+                               anchored_error=abs(anchored - measured[name]) / measured[name])
+                rows.append(row)
     return rows
+
+
+def fill_anchored(rows: list[dict]) -> None:
+    """Rows recorded before anchored predictions: the same arithmetic as `LatencyTable.predict(reference=...)`
+    on their stored numbers (the BN-folded original's measured latency times the table's ratio)."""
+    folded = {(r["model"], r["backend"], r["batch_size"]): r for r in rows if r["form"] == "bn-folded"}
+    for row in rows:
+        reference = folded.get((row["model"], row["backend"], row["batch_size"]))
+        if row["form"] == "bn-folded" or "anchored_ms" in row or reference is None:
+            continue
+        row["anchored_ms"] = reference["measured_ms"] * row["predicted_ms"] / reference["predicted_ms"]
+        row["anchored_error"] = abs(row["anchored_ms"] - row["measured_ms"]) / row["measured_ms"]
 
 
 def main() -> None:
@@ -87,6 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     done = json.loads(PATH.read_text()) if PATH.is_file() else {"policy": [], "prediction": []}
+    fill_anchored(done["prediction"])
     table = LatencyTable(backend="eager", batch_size=1, threads=args.threads)
     for spec in args.models:
         model, x = build(spec)
@@ -104,9 +126,11 @@ def main() -> None:
             print(json.dumps(rows), flush=True)
             done["prediction"] += rows
             save(done, args.threads)
-    errors = [r["error"] for r in done["prediction"]]
-    if errors:
-        print(f"prediction error: median {statistics.median(errors):.1%}, worst {max(errors):.1%}")
+    save(done, done.get("machine", {}).get("threads", args.threads))
+    for key in ("error", "anchored_error"):
+        errors = [r[key] for r in done["prediction"] if key in r]
+        if errors:
+            print(f"{key.replace('_', ' ')}: median {statistics.median(errors):.1%}, worst {max(errors):.1%}")
 
 
 def save(content: dict, threads: int) -> None:

@@ -41,5 +41,9 @@ $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epoch
 # at one thread beside other work, then timed again (--resume times only) at two threads on the quiet machine
 $PY benchmarks/methods.py --model resnet18 --baseline torch-pruning --threads 1
 $PY benchmarks/methods.py --model resnet18 --baseline torch-pruning --threads 2 --resume
+for model in vgg16_bn minilm mobilenet_v2 swin; do
+  $PY benchmarks/methods.py --model $model --baseline torch-pruning --threads 1
+  $PY benchmarks/methods.py --model $model --baseline torch-pruning --threads 2 --resume
+done
 OMP_NUM_THREADS=1 $PY benchmarks/distributed.py --repeats 2
 $PY benchmarks/results.py

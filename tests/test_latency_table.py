@@ -137,6 +137,21 @@ def test_predict_is_close_to_measured_latency(tmp_path):
     assert measured / 3 < predicted < measured * 3
 
 
+def test_a_prediction_anchored_on_a_measured_reference_scales_by_the_table_ratio(tmp_path):
+    wide = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    narrow = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    t = table(tmp_path)
+    alone = {name: t.predict(m, x) for name, m in (("wide", wide), ("narrow", narrow))}
+    assert alone["narrow"] < alone["wide"]
+    assert t.predict(wide, x, reference=(wide, 0.01)) == pytest.approx(0.01)
+    anchored = t.predict(narrow, x, reference=(wide, 0.01))
+    assert anchored == pytest.approx(0.01 * alone["narrow"] / alone["wide"])
+    for bad in (0.0, -1.0, float("nan"), "1"):
+        with pytest.raises(TLCError, match="reference seconds"):
+            t.predict(narrow, x, reference=(wide, bad))
+
+
 def test_oversized_layers_are_refused_before_allocation(tmp_path):
     t = table(tmp_path)
     huge = LayerShape("dense", (1 << 15,), 1 << 14)

@@ -410,11 +410,29 @@ class LatencyTable:
         return self._fit_cache[1]
 
     # ------------------------------------------------------------------ whole models
-    def predict(self, model: nn.Module, example_inputs: ExampleInputs, progress: bool = False) -> float:
+    def predict(self, model: nn.Module, example_inputs: ExampleInputs, progress: bool = False, *,
+                reference: tuple[nn.Module, float] | None = None) -> float:
         """Predicted seconds of one forward of ``model`` at the table's batch size: the sum of table entries
         over its conv, linear, batch norm, gate, add and activation operations (measuring missing ones), plus
         the fit's price of every other operation that computes a new tensor (views and shape queries are
-        free). The model is traced with :func:`tlc.graph.trace`."""
+        free). The model is traced with :func:`tlc.graph.trace`.
+
+        With ``reference=(other_model, seconds)``, ``seconds`` being the measured latency of ``other_model``
+        under the table's conditions (typically the original of which ``model`` is a compressed form), the
+        prediction is anchored on that measurement: ``seconds * sum(model) / sum(other_model)``. Layers timed
+        alone miss what a whole model pays once or everywhere alike (its Python, the runtime's graph
+        overhead, caches shared between layers); that share cancels in the ratio, and the table is used for
+        what it measures well, relative cost."""
+        total = self._sum(model, example_inputs, progress)
+        if reference is None:
+            return total
+        other, seconds = reference
+        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
+            raise TLCError(f"reference seconds must be a positive number, got {seconds!r}")
+        return seconds * total / self._sum(other, example_inputs, progress)
+
+    def _sum(self, model: nn.Module, example_inputs: ExampleInputs, progress: bool) -> float:
+        """The table's sum over one forward of ``model`` (see :meth:`predict`)."""
         from tlc.graph import trace
 
         inputs = to_device(rebatch(example_inputs, self.batch_size), model_device(model))
