@@ -106,6 +106,55 @@ def test_hugging_face_attention_keeps_its_heads_and_reshapes_by_the_pruned_head_
     assert again["macs"] == info["macs"]
 
 
+def test_swin_prunes_through_its_patch_merging():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=16,
+                              patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4),
+                              in_chans=1).eval()
+    x = torch.randn(2, 1, 16, 16)
+    target = int(0.7 * count_macs(model, x[:1]))
+    pruned, info = prune_to_macs(model, x, target)
+    assert info["reached"] and pruned(x).shape == (2, 10)
+    merging = pruned.layers[1].downsample
+    assert merging.norm.normalized_shape[0] == merging.reduction.in_features < 64
+
+
+def test_timm_vit_attention_reshapes_by_the_pruned_head_width():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                              embed_dim=48, depth=2, num_heads=3, in_chans=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    pruned, info = prune_to_macs(model, x, int(0.6 * count_macs(model, x[:1])))
+    attention = pruned.blocks[0].attn
+    assert info["reached"] and pruned(x).shape == (2, 10) and attention.num_heads == 3
+    assert attention.qkv.out_features == 3 * attention.attn_dim == 9 * attention.head_dim < 3 * 48
+
+
+def test_patch_merging_pruner_removes_the_four_copies_of_a_channel():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    merging = timm.models.swin_transformer.PatchMerging(dim=6, out_dim=8).eval()
+    with torch.no_grad():
+        merging.norm.weight.uniform_(0.5, 1.5)
+        merging.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 4, 4, 6)
+    keep, drop = [0, 2, 3, 5], [1, 4]
+    features = x.reshape(2, 2, 2, 2, 2, 6).permute(0, 1, 3, 4, 2, 5).flatten(3)  # PatchMerging's own layout
+    kept = [k * 6 + c for k in range(4) for c in keep]
+    expected = nn.functional.linear(
+        nn.functional.layer_norm(features[..., kept], (len(kept),), merging.norm.weight[kept],
+                                 merging.norm.bias[kept], merging.norm.eps),
+        merging.reduction.weight[:, kept], merging.reduction.bias)
+    tp = require_torch_pruning()
+    pruner = peers._customized_pruners(tp, merging)[type(merging)]
+    pruner.prune_in_channels(merging, drop)
+    assert pruner.get_in_channels(merging) == 4
+    with torch.no_grad():
+        assert torch.allclose(merging(x[..., keep]), expected, atol=1e-6)
+
+
 def test_replaying_the_rounds_gives_the_same_architecture():
     model = randomize_bn(tiny_cnn()).eval()
     base = count_macs(model, X[:1])

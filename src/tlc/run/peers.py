@@ -198,37 +198,101 @@ def _check_arguments(target_macs: int, importance: str, calibration: list | None
 def _pruner(tp: ModuleType, model: nn.Module, example: ExampleInputs, importance: str) -> Any:
     """Torch-Pruning's pruner over `model`: local ranking, STEPS steps up to every channel, classifier kept;
     channel counts kept multiples of the attention heads of any `nn.MultiheadAttention` (its embedding
-    width must stay divisible by them); the query, key and value of a Hugging Face self-attention lose the
-    same dimensions in every head (Torch-Pruning's `num_heads`), the heads themselves all kept."""
+    width must stay divisible by them); the projections a Hugging Face or timm attention reshapes into heads
+    lose the same dimensions in every head (Torch-Pruning's `num_heads`), the heads themselves all kept."""
     args, kwargs = as_call(example)
     scorer = (tp.importance.GroupTaylorImportance() if importance == "taylor"
               else tp.importance.GroupMagnitudeImportance(p=2))
     heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    head_counts = {getattr(m, name): m.num_attention_heads for m in _head_attentions(model)
-                   for name in ("query", "key", "value")}
     return tp.pruner.BasePruner(
         model, example, importance=scorer, global_pruning=False, pruning_ratio=1.0, iterative_steps=STEPS,
         ignored_layers=[_classifier(model, example)], round_to=math.lcm(*heads) if heads else None,
-        num_heads=head_counts, prune_head_dims=True, prune_num_heads=False,
+        num_heads=_head_projections(model), prune_head_dims=True, prune_num_heads=False,
+        customized_pruners=_customized_pruners(tp, model),
         forward_fn=lambda m, _: m(*args, **kwargs), output_transform=output_tensors,
     )
 
 
-def _head_attentions(model: nn.Module) -> list[nn.Module]:
-    """Hugging Face self-attention modules (the BERT family): `query`, `key` and `value` linear layers and the
-    `num_attention_heads` / `attention_head_size` attributes their forward reshapes by."""
-    return [m for m in model.modules()
-            if all(isinstance(getattr(m, name, None), nn.Linear) for name in ("query", "key", "value"))
-            and isinstance(getattr(m, "num_attention_heads", None), int) and hasattr(m, "attention_head_size")]
+def _patch_merging(module: nn.Module) -> bool:
+    """A Swin patch merging (timm or torchvision): the channels of each 2x2 neighbourhood laid side by side,
+    then a LayerNorm and a `reduction` linear layer over the four-fold width."""
+    norm, reduction = getattr(module, "norm", None), getattr(module, "reduction", None)
+    return (type(module).__name__ == "PatchMerging" and isinstance(norm, nn.LayerNorm)
+            and isinstance(reduction, nn.Linear) and reduction.in_features % 4 == 0
+            and tuple(norm.normalized_shape) == (reduction.in_features,))
+
+
+def _customized_pruners(tp: ModuleType, model: nn.Module) -> dict[type, Any]:
+    """Torch-Pruning pruning functions for the layers its dependency graph cannot follow through a reshape:
+    a Swin patch merging, whose input channel c is channel c, C + c, 2C + c and 3C + c of its LayerNorm and
+    reduction (the way Torch-Pruning's users prune Swin)."""
+    kinds = {type(m) for m in model.modules() if _patch_merging(m)}
+    if not kinds:
+        return {}
+
+    class PatchMergingPruner(tp.pruner.function.BasePruningFunc):
+        def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+            tp.prune_linear_out_channels(layer.reduction, idxs)
+            return layer
+
+        def prune_in_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+            width = layer.reduction.in_features // 4
+            spread = [i + k * width for k in range(4) for i in idxs]
+            tp.prune_layernorm_out_channels(layer.norm, spread)
+            tp.prune_linear_in_channels(layer.reduction, spread)
+            return layer
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return layer.reduction.out_features
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return layer.reduction.in_features // 4
+
+    pruner = PatchMergingPruner()
+    return {kind: pruner for kind in kinds}
+
+
+_SEPARATE = ("query", "key", "value")
+
+
+def _separate_heads(module: nn.Module) -> bool:
+    """A Hugging Face self-attention (the BERT family): `query`, `key`, `value` linear layers, reshaped by its
+    `num_attention_heads` and `attention_head_size`."""
+    return (all(isinstance(getattr(module, name, None), nn.Linear) for name in _SEPARATE)
+            and isinstance(getattr(module, "num_attention_heads", None), int)
+            and hasattr(module, "attention_head_size"))
+
+
+def _fused_heads(module: nn.Module) -> bool:
+    """A timm attention (ViT, Swin): one `qkv` linear layer reshaped into 3 x `num_heads` heads."""
+    return isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(getattr(module, "num_heads", None), int)
+
+
+def _head_projections(model: nn.Module) -> dict[nn.Module, int]:
+    """The linear layers whose outputs the model reshapes into heads, with their head counts (Torch-Pruning's
+    `num_heads`: their outputs lose the same dimensions in every head)."""
+    projections: dict[nn.Module, int] = {}
+    for module in model.modules():
+        if _separate_heads(module):
+            projections.update({getattr(module, name): module.num_attention_heads for name in _SEPARATE})
+        elif _fused_heads(module):
+            projections[module.qkv] = module.num_heads
+    return projections
 
 
 def _sync_head_sizes(model: nn.Module) -> None:
-    """After a pruning step, the per-head width a Hugging Face self-attention reshapes by follows its pruned
-    query (the heads are kept; the softmax scale the model was trained with is kept too)."""
-    for attention in _head_attentions(model):
-        attention.attention_head_size = attention.query.out_features // attention.num_attention_heads
-        if hasattr(attention, "all_head_size"):
-            attention.all_head_size = attention.query.out_features
+    """After a pruning step, the per-head width an attention reshapes by follows its pruned projections (the
+    heads are kept, and so is the softmax scale the model was trained with)."""
+    for module in model.modules():
+        if _separate_heads(module):
+            module.attention_head_size = module.query.out_features // module.num_attention_heads
+            if hasattr(module, "all_head_size"):
+                module.all_head_size = module.query.out_features
+        elif _fused_heads(module):
+            for name, width in (("head_dim", module.qkv.out_features // (3 * module.num_heads)),
+                                ("attn_dim", module.qkv.out_features // 3)):
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, width)
 
 
 def _classifier(model: nn.Module, example: ExampleInputs) -> nn.Module:
