@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting of the method or of the run for every preset run (repeatable)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--latency-table", choices=["eager", "onnxruntime"], default="eager",
+                        help="the backend whose batch-1 latency table prices merges under --set policy=latency "
+                        "(both backends are timed either way)")
     parser.add_argument("--finetune-lr", type=float, default=0.01, help="default preset's fine-tuning lr (cosine)")
     parser.add_argument("--paper-finetune-epochs", type=float, help="paper preset's fine-tuning epochs per step "
                         "(default: 5 x --finetune-epochs; --epochs retrains each step as long as the base)")
@@ -122,7 +125,9 @@ def main() -> None:
         return
     results, baselines = {}, {}
     for preset, config in configs(args).items():
-        result = run(model, data, config, directory / f"{preset}{args.tag}", spec=spec, device=args.device)
+        backends = tuple(sorted(("eager", "onnxruntime"), key=lambda b: b != args.latency_table))
+        result = run(model, data, config, directory / f"{preset}{args.tag}", spec=spec, device=args.device,
+                     backends=backends)
         results[preset] = result
         baselines[preset] = folded_baseline(model.eval(), result.model, data.example_inputs(2), (1, 64))
         print(headline(result.report))
