@@ -296,10 +296,35 @@ def methods_lines(items: list[dict[str, Any]], out: Path) -> list[str]:
                   f"{args['max_steps']} steps, budget {args['max_acc_drop']:g} pt; timed at {timing['threads']} "
                   f"thread(s), {timing['rounds']} rounds of {timing['burst']} calls.", "",
                   markdown_benchmark(summary["rows"]), ""]
+        lines += _width_comparison(summary["rows"])
         plot = out / "img" / f"{item['name']}.png"
         if plot.is_file():
             lines += [f"![{item['name']}]({os.path.relpath(plot, out)})", ""]
     return lines
+
+
+def _width_comparison(rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per width baseline: its ONNX Runtime speed-ups and accuracy against the depth result it
+    was matched to (same MACs, same fine-tuning epochs)."""
+    by_label = {r["label"]: r for r in rows}
+    lines = []
+    for width in (r for r in rows if r["kind"] == "width" and r["status"] == "done"):
+        depth = by_label.get(width["matched_to"])
+        if depth is None:
+            continue
+        keys = [k for k in width.get("latency", {}) if k.startswith("onnxruntime@") and k in depth.get("latency", {})]
+        speeds = "; ".join(f"{k.replace('onnxruntime@', 'batch ')}: x{_speedup(depth, k):.2f} against "
+                           f"x{_speedup(width, k):.2f}" for k in keys)
+        lines += [f"At equal MACs ({width['macs'] / 1e6:.1f}M) and fine-tuning epochs, {depth['label']} against "
+                  f"{width['label']} on ONNX Runtime: {speeds}; validation accuracy "
+                  f"{100 * depth['val_accuracy']:.2f}% against {100 * width['val_accuracy']:.2f}%, depth "
+                  f"{depth['depth']} against {width['depth']}.", ""]
+    return lines
+
+
+def _speedup(row: dict[str, Any], key: str) -> float:
+    """The row's median speed-up over the original at one backend@batch."""
+    return row["latency"][key]["speedup"]["original"]["ratio"]
 
 
 def machine_line(summaries: list[dict[str, Any]]) -> str:
