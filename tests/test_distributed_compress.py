@@ -1,7 +1,7 @@
 """`tlc compress` as one run over several processes (torchrun, gloo on the CPU): one output folder written by
 rank 0, the same decisions on every rank and with 1 or 2 processes, a refusal that ends every rank, and
 resume after kill -9 of one rank of two: with one process (the same decisions), or (slow) with two (the
-same weights, bit for bit)."""
+same weights, bit for bit). `tlc benchmark` over two processes: one benchmark folder, one refusal line."""
 
 from __future__ import annotations
 
@@ -116,6 +116,24 @@ def test_the_latency_policy_is_refused_with_several_processes(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)  # refused before any collective
     with pytest.raises(SpecError, match="policy 'latency' runs in one process only"):
         tlc.compress(toy_model(), toy_data(64, 0), toy_data(32, 1), policy="latency", log=None, progress=False)
+
+
+def test_a_benchmark_over_two_processes_is_one_benchmark_and_refuses_its_own_folder(tmp_path):
+    out = tmp_path / "bench"
+    command = _torchrun(2, "-m", "tlc.cli", "benchmark", "--model", "tlc:tiny_cnn", "--data", "digits",
+                        "--train-epochs", "1", "--methods", "tlc", "--max-steps", "1", "--finetune-epochs", "1",
+                        "--calibration-size", "128", "--max-acc-drop", "100", "--threads", "1", "--quiet",
+                        "--out", str(out))
+    done = _run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("outputs in") == 1, done.stdout  # rank 0 alone prints
+    summary = json.loads((out / "benchmark.json").read_text())
+    assert [row["label"] for row in summary["rows"]] == ["original", "tlc"]
+    assert tlc.load(out / "runs" / "tlc-default")(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    again = _run(command, timeout=120)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("tlc: error:")]
+    assert again.returncode != 0 and len(errors) == 1 and "already holds a benchmark" in errors[0], \
+        again.stderr[-3000:]
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:

@@ -36,7 +36,7 @@ from tlc.run.data import calibration_batches, example_batch
 from tlc.surgery.merge import merge
 from tlc.train import FitConfig, evaluate
 from tlc.train.checkpoint import atomic_write_json, read_json
-from tlc.train.distributed import barrier, is_main_process
+from tlc.train.distributed import barrier, is_main_process, on_main
 
 STATE = "benchmark-state.json"
 SUMMARY = "benchmark.json"
@@ -221,9 +221,15 @@ def _jsonable(value: Any) -> Any:
 
 def _open(contest: Contest, entries: list[Entry], baselines: Sequence[str], timing: Timing,
           resume: bool) -> dict[str, Any]:
-    """The benchmark's state: new, or the interrupted one in ``out_dir`` when resuming (same settings)."""
-    path = contest.out_dir / STATE
+    """The benchmark's state: new, or the interrupted one in ``out_dir`` when resuming (same settings). Rank 0
+    reads and writes the state file and every rank gets its answer (or its refusal)."""
     settings = _settings(contest, entries, baselines, timing)
+    return on_main(_open_state, contest, settings, resume)
+
+
+def _open_state(contest: Contest, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """`_open` on rank 0: check, read or create the state file."""
+    path = contest.out_dir / STATE
     if path.is_file():
         if not resume:
             raise SpecError(f"{contest.out_dir} already holds a benchmark; pass resume=True (--resume) to "
@@ -241,7 +247,7 @@ def _open(contest: Contest, entries: list[Entry], baselines: Sequence[str], timi
         contest.log("nothing to resume: starting a new benchmark")
     contest.out_dir.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "settings": settings, "entries": {}}
-    _save_state(contest, state)
+    atomic_write_json(path, state)
     return state
 
 

@@ -35,6 +35,7 @@ from tlc.measure.count import model_device
 from tlc.measure.latency import rebatch
 from tlc.train import FitConfig, evaluate, fit, logits_of
 from tlc.train.checkpoint import atomic_write_json, read_json, remove_checkpoints, save_weights
+from tlc.train.distributed import barrier, is_main_process
 
 BASELINES: dict[str, str] = {"torch-pruning": "magnitude", "torch-pruning-taylor": "taylor"}
 STEPS = 100  # the pruning schedule: step n removes n % of every layer's initial channels
@@ -130,9 +131,11 @@ def run_width_baseline(name: str, job: WidthJob, out_dir: Path) -> tuple[nn.Modu
         "wall_time_s": round(time.perf_counter() - started, 3),
         "torch_pruning": _version(tp),
     }
-    save_weights(model, out_dir / WEIGHTS)
-    atomic_write_json(out_dir / RECORD, record)
-    remove_checkpoints(out_dir / FIT_DIR)
+    if is_main_process():  # under torchrun every rank holds the same model; rank 0 writes it
+        save_weights(model, out_dir / WEIGHTS)
+        atomic_write_json(out_dir / RECORD, record)
+        remove_checkpoints(out_dir / FIT_DIR)
+    barrier()
     job.log(f"{name}: val accuracy {record['val_accuracy']:.4f}, {record['params']:,} params, "
             f"depth {record['depth']}; saved in {out_dir}")
     return model, record
