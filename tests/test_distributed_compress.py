@@ -163,13 +163,20 @@ def _kill_in_step_2(out: Path, rank: int) -> None:
     assert not (out / "report.json").exists()
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
-def test_kill_one_rank_then_resume_with_one_process(reference, tmp_path):
+def _killed_then_resumed(tmp_path: Path, rank: int, processes: int) -> tuple[Path, subprocess.CompletedProcess]:
+    """A two-process run killed (rank `rank`, kill -9) during step 2, then resumed with `processes`: its folder
+    and the resumed run, which must end well after step 1."""
     out = tmp_path / "cut"
-    _kill_in_step_2(out, rank=1)
-    resumed = _run(_compress(1, out, "--resume"))
+    _kill_in_step_2(out, rank=rank)
+    resumed = _run(_compress(processes, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after step 1" in resumed.stdout
+    return out, resumed
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_kill_one_rank_then_resume_with_one_process(reference, tmp_path):
+    out, resumed = _killed_then_resumed(tmp_path, rank=1, processes=1)
     assert "fit_002: begun with another number of processes" in resumed.stdout
     ref = json.loads((reference[0] / "report.json").read_text())
     got = json.loads((out / "report.json").read_text())
@@ -184,11 +191,8 @@ def test_kill_one_rank_then_resume_with_one_process(reference, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
 def test_kill_rank_0_then_resume_with_as_many_processes_ends_bit_identical(reference, tmp_path):
-    out = tmp_path / "cut"
-    _kill_in_step_2(out, rank=0)
-    resumed = _run(_compress(2, out, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming after step 1" in resumed.stdout and "starts over" not in resumed.stdout
+    out, resumed = _killed_then_resumed(tmp_path, rank=0, processes=2)
+    assert "starts over" not in resumed.stdout
     a = load_file(str(reference[0] / "weights.safetensors"))
     b = load_file(str(out / "weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
