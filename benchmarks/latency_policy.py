@@ -58,7 +58,8 @@ def policy_row(spec: str, which: str, sites: list[str], model: torch.nn.Module, 
     return {"model": spec, "sites": which, "linearized": len(sites),
             **{f"{p}_{k}": v for p, (d, s) in forms.items()
                for k, v in (("depth", depth(d, one)), ("macs", count_macs(d, one)), ("seconds", round(s, 1)))},
-            "ratio": row["ratio"], "ratio_q1": row.get("ratio_q1"), "ratio_q3": row.get("ratio_q3")}
+            "ratio": row["ratio"], "ratio_q1": row.get("ratio_q1"), "ratio_q3": row.get("ratio_q3"),
+            "clock": forms["latency"][0].tlc_report.clock}
 
 
 def prediction_rows(spec: str, model: torch.nn.Module, x: object, sites: list[str], threads: int) -> list[dict]:

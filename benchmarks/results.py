@@ -93,18 +93,30 @@ def headline_lines(summaries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _clock(row: dict[str, Any]) -> str:
+    """What merge's clock check kept, with its ratio (macs/latency), or why there is none."""
+    if "clock" not in row:
+        return ""
+    if row["clock"] is None:
+        return "same layers: not timed"
+    return f"kept {row['clock']['kept']} (x{row['clock']['ratio']:.2f})"
+
+
 def latency_policy_lines(item: dict[str, Any]) -> list[str]:
     """The latency policy against "macs" on the zoo, and the table's predictions against measured latency."""
     lines = ["## The latency merge policy", "",
              "`benchmarks/latency_policy.py`: random weights and batch-norm statistics, all or a seeded half of the "
              "sites linearized, merged under `macs` and under `latency` (an eager CPU table at batch 1, "
              f"{item['machine']['threads']} thread(s)); both deploy forms measured side by side, interleaved: "
-             "the ratio macs/latency (above 1: the latency plan is faster) with the quartiles of its rounds.", "",
-             "| model | sites | depth macs -> latency | MACs macs -> latency | eager b1 macs/latency |",
-             "|---|---|---|---|---|"]
+             "the ratio macs/latency (above 1: the latency plan is faster) with the quartiles of its rounds. "
+             "*Clock check*: where the latency plan differed from the `macs` plan of the same training form, `merge` "
+             "timed both and kept the faster (its ratio; rows without it predate the check).", "",
+             "| model | sites | depth macs -> latency | MACs macs -> latency | eager b1 macs/latency | clock check |",
+             "|---|---|---|---|---|---|"]
     for r in item["policy"]:
         lines.append(f"| {r['model']} | {r['sites']} ({r['linearized']}) | {r['macs_depth']} -> {r['latency_depth']} "
-                     f"| {r['macs_macs'] / 1e6:.1f}M -> {r['latency_macs'] / 1e6:.1f}M | {_ratio(r)} |")
+                     f"| {r['macs_macs'] / 1e6:.1f}M -> {r['latency_macs'] / 1e6:.1f}M | {_ratio(r)} "
+                     f"| {_clock(r)} |")
     rows = item.get("prediction", [])
     if rows:
         worst = max(rows, key=lambda r: r["error"])

@@ -148,3 +148,54 @@ def test_measured_latency_goes_down_where_the_latency_policy_merges(tmp_path):
     assert depth(by_macs, x) == 16 and depth(by_latency, x) == 8
     comparison = tlc.compare(by_macs, by_latency, x, batch_sizes=(1,), threads=1, repeats=50)
     assert comparison.rows[0]["ratio"] > 1.1, str(comparison)
+    assert by_latency.tlc_report.clock["kept"] == "latency"  # timed against the macs plan, and kept
+
+
+class Misprices(LatencyTable):
+    """A real table's clock (eager, batch 1, one thread) with made-up prices: every layer costs one call,
+    whatever its MACs, so the plan merges every factorized bottleneck into one large layer."""
+
+    def seconds(self, shape) -> float:
+        return 1e-4 + 1e-15 * shape.macs()
+
+    estimate = seconds
+
+    def prefetch(self, shapes, progress: bool = True) -> int:
+        return 0
+
+
+class WideBottlenecks(nn.Module):
+    """Four 1024 -> 8 -> 1024 bottlenecks: merged, each is a 1024 x 1024 layer, 64x the MACs and weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(1024, 8), nn.ReLU(), nn.Linear(8, 1024), nn.ReLU())
+                                     for _ in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_latency_plan_slower_on_the_clock_than_the_macs_plan_gives_way_to_it(tmp_path):
+    """Mispriced, the latency plan merges every bottleneck; timed against the macs plan it loses, so merge
+    returns the macs plan, and a saved folder replays that one."""
+    torch.manual_seed(0)
+    model, x = WideBottlenecks().eval(), torch.randn(1, 1024)
+    table = Misprices(cache_dir=tmp_path, threads=1)
+    linearized = tlc.linearize(model, [f"layers.{i}.1" for i in range(4)], x, policy="latency", table=table)
+    unchecked = tlc.merge(linearized, x, table=table, clock_check=False)
+    checked = tlc.merge(linearized, x, table=table)
+    assert depth(unchecked, x) == 4 and unchecked.tlc_report.clock is None
+    report = checked.tlc_report
+    assert report.policy == "macs" and report.prices is None and depth(checked, x) == 8
+    assert report.clock["kept"] == "macs" and report.clock["ratio"] < 1 and "kept macs" in str(report)
+    with torch.no_grad():
+        assert rel_err(linearized(x), checked(x)) < 1e-5
+    tlc.save(checked, tmp_path / "run", example_inputs=x)
+    torch.manual_seed(1)
+    loaded = tlc.load(tmp_path / "run", model=WideBottlenecks())
+    assert depth(loaded, x) == 8
+    with torch.no_grad():
+        assert torch.equal(loaded(x), checked(x))

@@ -549,6 +549,7 @@ def _report(loop: _Loop, deployed: nn.Module, edits: list[Edit]) -> tuple:
         "finetune_epochs_total": sum(s.finetune_epochs for s in steps)
         + (config.final_finetune_epochs if state.best_step > 0 else 0.0) + _pretrain_epochs(loop),
         "merge": [asdict(r) for r in deployed.tlc_report.records],
+        "merge_clock": deployed.tlc_report.clock,
         "network": network_map(loop.original, deployed, run.example_inputs, [s for e in edits for s in e.sites]),
         "wall_time_s": time.perf_counter() - loop.start,
         "warnings": base_warnings(state.baseline["accuracy"], _classes(loop.original, run.example_inputs),

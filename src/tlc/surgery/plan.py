@@ -109,7 +109,7 @@ class Planner:
             raise ValueError(f"merge policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         self.graph = graph
         self.policy = policy
-        self.table = (table or pricing.current_table()) if policy == "latency" else None
+        self.table = (table if table is not None else pricing.current_table()) if policy == "latency" else None
         self.movable = movable or set()
         self.max_weight_numel = max_weight_numel
         self.nodes = list(graph.gm.graph.nodes)

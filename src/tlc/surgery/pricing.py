@@ -94,7 +94,7 @@ def resolve(policy: str, table: Prices | Mapping[str, float] | None) -> Prices |
         return None
     if isinstance(table, Mapping):
         return Fixed(table)
-    return table or current_table()
+    return table if table is not None else current_table()  # an empty LatencyTable is falsy (len 0)
 
 
 _current: list[Prices] = []
