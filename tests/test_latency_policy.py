@@ -124,13 +124,14 @@ def test_tlc_savings_are_priced_in_time_under_the_latency_policy():
 
 
 class Bottlenecks(nn.Module):
-    """Eight 32 -> 8 -> 32 bottlenecks: "macs" keeps them factorized (2 x 256 < 1024 MACs per row), while at
-    batch 1 the time is the calls', so one 32 -> 32 layer each is faster."""
+    """``count`` width -> 8 -> width bottlenecks. At width 32 "macs" keeps them factorized (2 x 256 < 1024 MACs
+    per row), while at batch 1 the time is the calls', so one 32 -> 32 layer each is faster; at width 1024 one
+    merged layer does 64x the MACs and is slower."""
 
-    def __init__(self):
+    def __init__(self, width: int = 32, count: int = 8):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 32), nn.ReLU())
-                                     for _ in range(8)])
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, width), nn.ReLU())
+                                     for _ in range(count)])
 
     def forward(self, x):
         for layer in self.layers:
@@ -164,25 +165,11 @@ class Misprices(LatencyTable):
         return 0
 
 
-class WideBottlenecks(nn.Module):
-    """Four 1024 -> 8 -> 1024 bottlenecks: merged, each is a 1024 x 1024 layer, 64x the MACs and weights."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(1024, 8), nn.ReLU(), nn.Linear(8, 1024), nn.ReLU())
-                                     for _ in range(4)])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
 def test_a_latency_plan_slower_on_the_clock_than_the_macs_plan_gives_way_to_it(tmp_path):
     """Mispriced, the latency plan merges every bottleneck; timed against the macs plan it loses, so merge
     returns the macs plan, and a saved folder replays that one."""
     torch.manual_seed(0)
-    model, x = WideBottlenecks().eval(), torch.randn(1, 1024)
+    model, x = Bottlenecks(width=1024, count=4).eval(), torch.randn(1, 1024)
     table = Misprices(cache_dir=tmp_path, threads=1)
     linearized = tlc.linearize(model, [f"layers.{i}.1" for i in range(4)], x, policy="latency", table=table)
     unchecked = tlc.merge(linearized, x, table=table, clock_check=False)
@@ -195,7 +182,7 @@ def test_a_latency_plan_slower_on_the_clock_than_the_macs_plan_gives_way_to_it(t
         assert rel_err(linearized(x), checked(x)) < 1e-5
     tlc.save(checked, tmp_path / "run", example_inputs=x)
     torch.manual_seed(1)
-    loaded = tlc.load(tmp_path / "run", model=WideBottlenecks())
+    loaded = tlc.load(tmp_path / "run", model=Bottlenecks(width=1024, count=4))
     assert depth(loaded, x) == 8
     with torch.no_grad():
         assert torch.equal(loaded(x), checked(x))
