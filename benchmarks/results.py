@@ -74,9 +74,12 @@ def headline_lines(summaries: list[dict[str, Any]]) -> list[str]:
     lines = ["Each benchmark's default run (or its only one): test top-1 before and after, depth, MACs reduction, "
              "and the batch-1 eager latency ratio against the original and against the original with only its "
              "batch norms folded, measured side by side (median of interleaved rounds, their quartiles in "
-             "brackets). Details and every other run below.", "",
+             "brackets); then ONNX Runtime at batch 1 and the run's larger batch against the original, which ONNX "
+             "Runtime runs with its batch norms folded, so this is also the ratio against the BN-folded original "
+             "(- where the run did not time ONNX Runtime). Details and every other run below.", "",
              "| benchmark | method (preset) | top-1 original -> compressed | depth | MACs | eager b1 vs original "
-             "| eager b1 vs BN-folded original |", "|---|---|---|---|---|---|---|"]
+             "| eager b1 vs BN-folded original | ORT b1 vs BN-folded | ORT large batch vs BN-folded |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for summary in summaries:
         runs = summary.get("runs") or {}
         preset = "default" if "default" in runs else next(iter(runs), None)
@@ -89,8 +92,17 @@ def headline_lines(summaries: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {summary['name']} | {report.get('method', 'tlc')} ({preset}) | {_acc(o):.2f} -> {_acc(c):.2f} "
                      f"({_acc(c) - _acc(o):+.2f} pt) | {o['depth']} -> {c['depth']} | "
                      f"x{o['macs'] / max(c['macs'], 1):.2f} | {_ratio(_latency(report).get(('eager', 1)))} | "
-                     f"{_ratio(folded.get(1))} |")
+                     f"{_ratio(folded.get(1))} | {_onnx(report, small=True)} | {_onnx(report, small=False)} |")
     return lines
+
+
+def _onnx(report: dict[str, Any], small: bool) -> str:
+    """ONNX Runtime's ratio at batch 1 (``small``) or at the largest batch the run timed, with that batch."""
+    batches = sorted(b for backend, b in _latency(report) if backend == "onnxruntime")
+    if not batches or (not small and batches[-1] == 1):
+        return "-"
+    batch = batches[0] if small else batches[-1]
+    return _ratio(_latency(report)[("onnxruntime", batch)]) + ("" if small else f" (b{batch})")
 
 
 def _clock(row: dict[str, Any]) -> str:
