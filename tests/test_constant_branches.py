@@ -195,6 +195,8 @@ def test_a_site_behind_an_all_off_site_is_dead_and_tlc_does_not_propose_it(monke
     first, second = names[0], names[1]
     lin = _all_off(block, x, second)
     assert dead_sites(trace(block, x)) == set() and dead_sites(trace(lin, x)) == {first}
+    # the first all off instead: the second reads a constant and is one (relu6(c)), computed by nothing
+    assert dead_sites(trace(_all_off(block, x, first), x)) == {second}
     seen = {}
 
     def capture(*args, exclude=(), **kwargs):

@@ -16,6 +16,7 @@ from tlc.errors import SpecError, TLCError
 from tlc.graph import trace
 from tlc.measure import LatencyTable, depth
 from tlc.methods.tlc import collapse_savings
+from tlc.surgery import pricing
 from tlc.surgery.pricing import using_table
 
 from .helpers import randomize_bn, rel_err
@@ -186,3 +187,53 @@ def test_a_latency_plan_slower_on_the_clock_than_the_macs_plan_gives_way_to_it(t
     assert depth(loaded, x) == 8
     with torch.no_grad():
         assert torch.equal(loaded(x), checked(x))
+
+
+class FoldLooksDear:
+    """Prices where a batch norm costs nothing and a bias costs a little: priced alone, leaving the batch
+    norm beside its conv looks cheaper than folding it (what table noise does to such near-ties)."""
+
+    def seconds(self, shape) -> float:
+        if shape.kind in ("affine", "add", "act"):
+            return 0.0
+        return 1e-4 + (1e-6 if shape.bias else 0.0)
+
+
+def conv_bn() -> nn.Sequential:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    torch.manual_seed(0)
+    randomize_bn(model)
+    return model.eval()
+
+
+def _batch_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_a_latency_plan_never_leaves_a_batch_norm_beside_its_conv(tmp_path):
+    """Rule 2 folds it whatever the prices; a folder saved under rule 1 (no rule recorded) still replays as
+    it was saved, the batch norm left."""
+    model = conv_bn()
+    deployed = tlc.merge(model, X, policy="latency", table=FoldLooksDear())
+    assert _batch_norms(deployed) == 0 and deployed.tlc_report.plan_rule == pricing.PLAN_RULE
+    old = tlc.merge(model, X, policy="latency", table=pricing.Fixed(deployed.tlc_report.prices, rule=1))
+    assert _batch_norms(old) == 1 and old.tlc_report.plan_rule == 1
+    with torch.no_grad():
+        assert rel_err(model(X), deployed(X)) < 1e-5 and rel_err(model(X), old(X)) < 1e-5
+    for name, form in (("new", deployed), ("old", old)):
+        tlc.save(form, tmp_path / name, example_inputs=X)
+    path = tmp_path / "old" / "recipe.json"
+    recipe = json.loads(path.read_text())
+    assert recipe["plan_rule"] == 1
+    path.write_text(json.dumps({k: v for k, v in recipe.items() if k != "plan_rule"}))  # saved before rules
+    for name, form, norms in (("new", deployed, 0), ("old", old, 1)):
+        with using_table(Refuses()):
+            loaded = tlc.load(tmp_path / name, model=conv_bn())
+        assert _batch_norms(loaded) == norms
+        with torch.no_grad():
+            assert torch.equal(loaded(X), form(X))
+    recipe["plan_rule"] = pricing.PLAN_RULE + 1
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(SpecError, match="plan_rule must be"):
+        tlc.load(tmp_path / "old", model=conv_bn())

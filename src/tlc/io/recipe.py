@@ -27,6 +27,7 @@ from torch import fx, nn
 from tlc._inputs import ExampleInputs, max_relative_error, run
 from tlc.edits import Edit, apply_edits, edits_from_json, edits_from_record, edits_to_json
 from tlc.errors import SpecError, TLCError
+from tlc.surgery import pricing
 from tlc.surgery.merge import merge
 from tlc.surgery.plan import POLICIES
 from tlc.train.checkpoint import atomic_write_json, read_json
@@ -241,7 +242,7 @@ def _merge_facts(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
     report = getattr(model, "tlc_report", None)
     if report is not None:
         return {"policy": report.policy, "zeros": report.zeros,
-                **({"prices": report.prices} if report.prices is not None else {})}
+                **({"prices": report.prices, "plan_rule": report.plan_rule} if report.prices is not None else {})}
     return {"policy": record.get("policy"), "zeros": None}
 
 
@@ -286,7 +287,9 @@ def load(directory: str | Path, *, model: nn.Module | None = None, device: str =
     weights_path = _inside(folder, recipe["weights"], "weights")
     header = _weights_header(weights_path)
     edits, policy, zeros = _recipe_edits(recipe, folder / RECIPE)
-    merged_with = {"policy": policy, "zeros": zeros, "table": recipe.get("prices")}
+    prices = recipe.get("prices")  # chosen among by the rule recorded with them; 1 before rules were recorded
+    table = None if prices is None else pricing.Fixed(prices, rule=recipe.get("plan_rule", 1))
+    merged_with = {"policy": policy, "zeros": zeros, "table": table}
     example = build_inputs(recipe["example_inputs"])
     built_from = None
     if model is None:
@@ -347,6 +350,10 @@ def _check_fields(recipe: dict[str, Any], path: Path) -> None:
         problems.append("zeros must map operation names to {parameter: [channel indices]}")
     if recipe.get("prices") is not None and not _is_prices(recipe["prices"]):
         problems.append(f"prices must map at most {MAX_PRICES} layer keys to times >= 0")
+    rule = recipe.get("plan_rule")
+    if rule is not None and not (type(rule) is int and 1 <= rule <= pricing.PLAN_RULE):
+        problems.append(f"plan_rule must be an integer from 1 to {pricing.PLAN_RULE} (a larger one: saved by a "
+                        "newer tlc)")
     if not isinstance(recipe.get("edits", []), list) or not isinstance(recipe.get("record", {}), dict):
         problems.append("edits must be a list (record, of version 1, an object)")
     if recipe.get("aliases") is not None and not (isinstance(recipe["aliases"], dict) and all(

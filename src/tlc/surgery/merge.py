@@ -161,6 +161,7 @@ class MergeReport:
     max_relative_error: float = 0.0
     zeros: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     prices: dict[str, float] | None = None  # latency policy: the table entries the plan read (key -> seconds)
+    plan_rule: int | None = None  # latency policy: how the plan chose among those prices (pricing.PLAN_RULE)
     # latency policy: the two plans timed side by side on the table's clock (see ``merge``), or None
     clock: dict[str, Any] | None = None
 
@@ -237,6 +238,7 @@ def merge(
     record["policy"] = policy
     report.zeros = zeros_used
     report.prices = dict(prices.entries) if prices is not None else None
+    report.plan_rule = prices.rule if prices is not None else None
     deployed._tlc_record = record
     deployed.tlc_report = report
     return deployed.eval()

@@ -94,6 +94,19 @@ class _Solution:
     steps: list[tuple]
 
 
+def _undominated(options: list[_Solution]) -> list[_Solution]:
+    """The options no other beats in structure: fewer or as many MACs, weight layers and elementwise ops,
+    and fewer of one (plan rule 2, ``pricing.PLAN_RULE``)."""
+    def counts(s: _Solution) -> tuple[int, int, int]:
+        return s.cost.macs, s.cost.weight_ops, s.cost.elementwise
+
+    def beats(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+        return a != b and all(x <= y for x, y in zip(a, b, strict=True))
+
+    every = [counts(s) for s in options]
+    return [s for s, c in zip(options, every, strict=True) if not any(beats(o, c) for o in every)]
+
+
 class Planner:
     """Builds a :class:`Plan` for a traced graph.
 
@@ -110,6 +123,7 @@ class Planner:
         self.graph = graph
         self.policy = policy
         self.table = (table if table is not None else pricing.current_table()) if policy == "latency" else None
+        self.rule = getattr(self.table, "rule", pricing.PLAN_RULE)
         self.movable = movable or set()
         self.max_weight_numel = max_weight_numel
         self.nodes = list(graph.gm.graph.nodes)
@@ -370,6 +384,8 @@ class Planner:
                 if best[i] is not None:
                     options.append(_Solution(best[i].cost + group[0], best[i].steps + [("merged", spine[i], spine[j])]))
             if options:
+                if self.policy == "latency" and self.rule >= 2:
+                    options = _undominated(options)
                 best[j] = min(options, key=lambda s: s.cost.key(self.policy))
         return best[-1]
 
@@ -602,10 +618,12 @@ _ZERO_KEYS = {Kind.BN: ("scale", "shift"), Kind.SCALE: ("scale",)}
 
 
 def dead_sites(graph: Graph) -> set[str]:
-    """The sites whose output only per-channel constants read (behind an all-off site of the same branch,
-    say): the deploy form does not compute them, so collapsing them changes nothing."""
-    dead = Planner(graph).dead
-    return {site.name for site in graph.sites if graph.site_node(site) in dead}
+    """The sites the deploy form does not compute: those whose output only per-channel constants read
+    (in front of an all-off site of the same branch, say) and those that are constants themselves (behind
+    one: ``act(c)`` is a constant). Collapsing them saves nothing."""
+    planner = Planner(graph)
+    return {site.name for site in graph.sites
+            if graph.site_node(site) in planner.dead or graph.site_node(site) in planner.constants}
 
 
 def value_zeros(graph: Graph) -> dict[str, dict[str, list[int]]]:

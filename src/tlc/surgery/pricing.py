@@ -21,6 +21,12 @@ from typing import Any, Protocol
 from tlc.errors import TLCError
 from tlc.measure.table import LatencyTable, LayerShape
 
+# How a latency plan (:class:`tlc.surgery.plan.Planner`) chooses among its options. 1: the lowest price
+# alone. 2: never an option that another beats in structure (no more MACs, weight layers and elementwise
+# ops, and fewer of one), whatever the table says: a batch norm is not left beside its conv because the
+# two prices differ by less than the noise.
+PLAN_RULE = 2
+
 
 class Prices(Protocol):
     """Anything that prices a layer in seconds (a :class:`LatencyTable`, a :class:`Fixed` record)."""
@@ -29,10 +35,12 @@ class Prices(Protocol):
 
 
 class Recording:
-    """A table that remembers every entry read through it (key -> seconds): what a deploy form records."""
+    """A table that remembers every entry read through it (key -> seconds): what a deploy form records,
+    with the plan rule (:data:`PLAN_RULE`) that chose among them."""
 
     def __init__(self, table: Prices):
         self.table = table
+        self.rule: int = getattr(table, "rule", PLAN_RULE)
         self.entries: dict[str, float] = {}
 
     def seconds(self, shape: LayerShape) -> float:
@@ -43,9 +51,11 @@ class Recording:
 
 
 class Fixed:
-    """The entries a deploy form recorded, and nothing else: a plan rebuilt from them is the recorded one."""
+    """The entries a deploy form recorded, and nothing else: a plan rebuilt from them (by the plan rule it
+    was made with, ``rule``: 1 for a folder saved before rules were recorded) is the recorded one."""
 
-    def __init__(self, entries: Mapping[str, Any]):
+    def __init__(self, entries: Mapping[str, Any], rule: int | None = None):
+        self.rule = PLAN_RULE if rule is None else rule
         self.entries: dict[str, float] = {}
         for key, value in entries.items():
             if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, int | float) \
@@ -156,5 +166,5 @@ def activation_shape(op: str, shape: tuple[int, ...]) -> LayerShape:
     return LayerShape("act", tuple(shape[1:]), op=op)
 
 
-__all__ = ["Collecting", "Fixed", "Prices", "Recording", "activation_shape", "conv_shape", "current_table",
+__all__ = ["PLAN_RULE", "Collecting", "Fixed", "Prices", "Recording", "activation_shape", "conv_shape", "current_table",
            "default_table", "dense_shape", "elementwise_shape", "measure_first", "resolve", "using_table"]
