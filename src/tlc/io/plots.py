@@ -257,6 +257,15 @@ def _display(name: str) -> str:
     return name.removesuffix(".weight")
 
 
+def _model_title(spec: Any) -> tuple[str, str]:
+    """The model spec and the arguments it was built with (a small Swin is not ``swin_tiny``'s defaults)."""
+    if not isinstance(spec, dict):
+        return "model", ""
+    kwargs = spec.get("kwargs") or {}
+    settings = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in kwargs.items())
+    return str(spec.get("spec", "model")), settings if len(settings) <= 110 else settings[:109] + "…"
+
+
 def _shorten(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, keeping its end (the most specific part of a dotted name)."""
     return text if len(text) <= limit else "…" + text[len(text) - limit + 1:]
@@ -527,11 +536,12 @@ def write_benchmark_plot(summary: dict[str, Any], path: Path) -> Path:
     right.set_title("accuracy vs size (left is smaller)", fontsize=10)
     left.legend(fontsize=7.5, loc="best", framealpha=0.9)
     skipped = [f"{r['label']}: {_shorten(r['reason'], 70)}" for r in summary["rows"] if r["status"] != "done"]
-    model = (summary.get("model") or {}).get("spec", "model") if isinstance(summary.get("model"), dict) else "model"
-    fig.suptitle(f"methods side by side on {model} ({summary.get('data') or 'data'})", fontsize=11)
+    name, settings = _model_title(summary.get("model"))
+    title = f"methods side by side on {name} ({summary.get('data') or 'data'})"
+    fig.suptitle(title + (f"\n{settings}" if settings else ""), fontsize=11)
     if skipped:
         fig.text(0.01, 0.01, "not run: " + "; ".join(skipped), fontsize=7, color="#555555")
-    fig.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.04 if skipped else 0, 1, 0.93))
     fig.savefig(path, dpi=DPI)
     return path
 
