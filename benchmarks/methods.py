@@ -55,7 +55,7 @@ class Base:
 BASES = {
     "resnet18": Base("tlc:cifar_resnet18", {"width": 16}, "fashion-mnist-resnet18-w16", "fashion-mnist",
                      FitConfig(epochs=9.0, **VISION_RECIPE), FINETUNE_CNN),
-    "mobilenet_v2": Base("tlc:cifar_mobilenet_v2", {"width_mult": 0.25}, "fashion-mnist-mobilenet_v2-w0.25",
+    "mobilenet_v2": Base("tlc:cifar_mobilenet_v2", {"width_mult": 0.25}, "fashion-mnist-mobilenet_v2-w0.25-e15",
                          "fashion-mnist", FitConfig(epochs=15.0, **VISION_RECIPE), FINETUNE_CNN),
     "vgg16_bn": Base("tlc:cifar_vgg16_bn", {"width": 16}, "fashion-mnist-vgg16_bn-w16-e15", "fashion-mnist",
                      FitConfig(epochs=15.0, **VISION_RECIPE), FINETUNE_CNN),
