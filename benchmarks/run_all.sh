@@ -36,6 +36,7 @@ $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epoch
 # the latency merge policy priced by an ONNX Runtime table (batch 1), on the same bases
 $PY benchmarks/vision.py --model vgg16_bn --width 16 --epochs 15 --base-tag=-e15 --finetune-epochs 0.25 --preset default --set policy=latency --latency-table onnxruntime --tag=-latency-ort --threads 1
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --preset default --set policy=latency --latency-table onnxruntime --tag=-ft1-latency-ort --threads 1
+$PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --preset default --distill --set policy=latency --latency-table onnxruntime --tag=-ft1-kd-latency-ort --threads 1
 $PY benchmarks/vision.py --model mobilenet_v2 --width 0.25 --epochs 15 --base-tag=-e15 --finetune-epochs 0.5 --preset default --set policy=latency --latency-table onnxruntime --tag=-latency-ort --threads 1
 $PY benchmarks/latency_policy.py --threads 1 --models tlc:cifar_resnet18 tlc:cifar_mobilenet_v2 tlc:cifar_vgg16_bn torchvision:resnet50 torchvision:mobilenet_v2 hf:bert-tiny
 $PY benchmarks/vision.py --model resnet18 --width 16 --epochs 9 --finetune-epochs 1.0 --method lacoot --preset default --threads 1
